@@ -5,3 +5,9 @@ from megatron_ualm.formats.vocab import SPECIAL_TOKENS, UnifiedVocab
 from megatron_ualm.formats.delay import apply_delay, undo_delay
 
 __all__ = ["SPECIAL_TOKENS", "UnifiedVocab", "apply_delay", "undo_delay"]
+from megatron_ualm.formats.templates import (  # noqa: E402
+    AudioRef, AudioSpan, Example, Message, Segment, TASKS, GENERATION_TASKS,
+    build_segments, cfg_dropout, dump, layout,
+)
+__all__ += ["AudioRef", "AudioSpan", "Example", "Message", "Segment", "TASKS", "GENERATION_TASKS",
+            "build_segments", "cfg_dropout", "dump", "layout"]
