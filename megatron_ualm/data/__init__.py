@@ -1,0 +1,1 @@
+"""Data pipeline: raw manifests -> audio shards -> tokenized IndexedDatasets -> batches."""
