@@ -351,3 +351,18 @@ def dump(example: Example, vocab: UnifiedVocab, decode_text=None, max_rows: int 
             body = token_name(toks[0], vocab, decode_text)
         lines.append(f"{t:5d}  w={w[0]:.3g}/{w[1:].max() if len(w) > 1 else 0:.3g}  {body}")
     return "\n".join(lines)
+
+
+def num_rows(segments: Sequence[Segment], num_codebooks: int) -> int:
+    """Rows ``layout`` would produce, computed without building them."""
+    total = 0
+    for seg in segments:
+        if seg.mode in (MODE_TEXT, MODE_TEXT_TARGET):
+            total += len(seg.data)
+        elif seg.mode in (MODE_CODEC, MODE_CODEC_TARGET):
+            total += len(seg.data) // num_codebooks + num_codebooks - 1
+        elif seg.mode == MODE_AUDIO_REF:
+            total += int(seg.data[2])
+        else:
+            raise ValueError(f"unknown segment mode {seg.mode}")
+    return total
