@@ -1,0 +1,98 @@
+"""Training metrics: what a step cost and what it learned, to console, JSONL and TensorBoard.
+
+Model FLOPs per token (the convention of the benchmarks and of our MFU figures):
+    6 * (non-embedding parameters + head parameters) + 6 * L * H * S   (causal attention,
+    H = heads * head_dim, S = sequence length; forward + backward, no recomputation counted)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+DEFAULT_PEAK_TFLOPS = 989.0
+
+
+def model_flops_per_token(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_heads: int,
+                          num_query_groups: int, head_dim: int, vocab_rows: int, seq_length: int) -> float:
+    """Training FLOPs per token of a Qwen2-style decoder with an untied head of vocab_rows."""
+    q = hidden_size * num_heads * head_dim
+    kv = 2 * hidden_size * num_query_groups * head_dim
+    o = num_heads * head_dim * hidden_size
+    mlp = 3 * hidden_size * ffn_hidden_size
+    params = num_layers * (q + kv + o + mlp) + vocab_rows * hidden_size
+    attention = 6 * num_layers * num_heads * head_dim * seq_length
+    return 6.0 * params + attention
+
+
+def peak_tflops(device_name: str | None) -> float:
+    if device_name:
+        for key, value in PEAK_TFLOPS.items():
+            if key in device_name:
+                return value
+    return DEFAULT_PEAK_TFLOPS
+
+
+@dataclass
+class MetricsLogger:
+    """Writes one JSON object a log step to ``metrics.jsonl`` and the same scalars to
+    TensorBoard (when installed and enabled) and W&B (when a project is set). Rank 0 only."""
+
+    directory: str
+    enabled: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    _tb: object = field(default=None, repr=False)
+    _wandb: object = field(default=None, repr=False)
+    _file: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.enabled:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        self._file = open(os.path.join(self.directory, "metrics.jsonl"), "a", encoding="utf-8")
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self.directory, "tensorboard"))
+            except ImportError:
+                self._tb = None
+        if self.wandb_project:
+            import wandb  # an explicit request: fail loudly if missing
+            self._wandb = wandb.init(project=self.wandb_project, dir=self.directory, resume="allow")
+
+    def log(self, step: int, scalars: dict, kind: str = "train"):
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}
+        self._file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self):
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_console(step: int, total: int, s: dict) -> str:
+    """One console line per log step."""
+    fields = [("loss", "loss {:.4f}"), ("grad_norm", "grad {:.3f}"), ("lr", "lr {:.2e}"),
+              ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.1f} TFLOP/s"), ("mfu", "MFU {:.1%}"),
+              ("data_wait_s", "data wait {:.3f}s"), ("mem_gb", "mem {:.1f} GB")]
+    parts = [f"step {step}/{total}"] + [fmt.format(s[k]) for k, fmt in fields if s.get(k) is not None]
+    tasks = {k[5:]: v for k, v in s.items() if k.startswith("loss/") and v is not None}
+    if tasks:
+        parts.append("tasks " + " ".join(f"{k}={v:.3f}" for k, v in sorted(tasks.items())))
+    return " | ".join(parts)
