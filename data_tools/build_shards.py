@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = build_shards(args.manifest, args.out, kind=args.kind,
                           samples_per_shard=args.samples_per_shard, num_workers=args.workers,
-                          audio_format=args.format, progress=not args.no_progress)
+                          audio_format=args.format, max_reject_fraction=args.max_reject_fraction,
+                          progress=not args.no_progress)
     return result.summary.finish(args.max_reject_fraction)
 
 

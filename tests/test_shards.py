@@ -192,6 +192,7 @@ def test_corrupt_inputs_are_rejected_not_fatal(tmp_path):
     assert [m.get("caption") or m["id"] for m in metas] == [
         "good 0", "good 1", "good 2", "good 3", "g4", "g5"]
     assert len(reader.get(1)[1]) == 8000  # the 0.5 s crop
+    assert res.exit_code == 1  # default limit 1%
     assert res.summary.exit_code(0.01) == 1 and res.summary.exit_code(0.9) == 0
     assert "truncated" in res.summary.format()
 

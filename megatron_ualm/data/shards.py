@@ -1,46 +1,23 @@
-"""Audio shards (SPEC section 2.1): manifests -> uncompressed tars of 16 kHz mono clips + indexes.
+"""Audio shard builder (SPEC section 2.1): AF3 / ETTA manifests -> indexed tars of 16 kHz clips.
 
-Layout of a dataset directory::
-
-    shard-000000.tar            ustar archive; per sample "<key>.wav" (or .flac) then "<key>.json"
-    shard-000000.tar.sha256     "<hex>  shard-000000.tar" (sha256sum -c format)
-    shard-000000.index.json     per-shard index, see below; written last = the shard is complete
-    rejects.jsonl               every rejected entry: file, line, index, key, reason, message
-    index.json                  dataset index, written last of all
+File layout and index formats are documented in ``megatron_ualm.data.shard_reader``.
 
 Shard k holds the manifest entries with ordinals [k * samples_per_shard, (k+1) * samples_per_shard)
-across all manifests in the order given; rejected entries leave a shard short. The key of the
-entry with ordinal n is ``f"{n:010d}"``, so keys are unique, sort in manifest order and have no
-dots (webdataset splits the member name at the first dot).
+across all manifests in the order given; rejected entries leave a shard short (the shard's
+index lists them). The key of the entry with ordinal n is ``f"{n:010d}"``: unique, sorted in
+manifest order, and free of dots (webdataset splits member names at the first dot).
 
-Shard index (``shard-XXXXXX.index.json``)::
+Decoding runs in ``num_workers`` processes; the main process consumes results in manifest order
+and writes the tars, so output bytes do not depend on the worker count. Tar headers carry
+fixed mtime/uid/gid/names and nothing time-dependent is stored anywhere.
 
-    {"format": "ualm-audio-shard-index", "version": 1, "tar": "shard-000000.tar",
-     "tar_bytes": int, "sha256": hex, "fingerprint": hex (build config + manifest contents),
-     "audio_format": "wav"|"flac", "record_start": int, "record_end": int,
-     "num_samples": int, "seconds": float,
-     "members": [[name, data_offset, size], ...],   # 2 per sample: audio then json
-     "rejects": [reject objects]}
-
-``data_offset`` is the byte offset of the member's data in the tar; sample i's audio is
-members[2i], its metadata members[2i+1], which follows the audio directly, so both come back
-with one positioned read (:class:`ShardReader`).
-
-Dataset index (``index.json``)::
-
-    {"format": "ualm-audio-shards", "version": 1, "sample_rate": 16000, "audio_format": ...,
-     "samples_per_shard": int, "fingerprint": hex, "num_records": int, "num_samples": int,
-     "hours": float, "manifests": [{"path", "kind", "sha256"}],
-     "shards": [{"tar", "index", "sha256", "tar_bytes", "num_samples", "seconds"}],
-     "rejects": {"file": "rejects.jsonl", "total": int, "by_reason": {reason: n}}}
-
-Builds are deterministic (fixed tar headers, results consumed in manifest order, nothing
-time-dependent stored) and resumable: a shard whose three files exist and verify against the
-current fingerprint is kept; everything is written to a temp name and renamed.
+Resume: a shard whose tar, .sha256 and index exist, agree, hash correctly and carry the current
+build fingerprint (config + manifest contents) is kept untouched and its entries are not
+decoded again. Every file is written to a ``.tmp.<pid>`` name and renamed; a shard's index is
+renamed last (it marks the shard complete) and the dataset index last of all.
 """
 from __future__ import annotations
 
-import bisect
 import glob
 import hashlib
 import io
@@ -50,28 +27,28 @@ import os
 import re
 import tarfile
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import numpy as np
 from tqdm import tqdm
 
-from megatron_ualm.audio.io import SAMPLE_RATE, AudioError, decode_bytes, encode_audio, load_audio
+from megatron_ualm.audio.io import SAMPLE_RATE, AudioError, encode_audio, load_audio
 from megatron_ualm.data.manifests import (
     DEFAULT_MAX_REJECT_FRACTION, GenerationRecord, Reject, RunSummary, UnderstandingRecord,
     detect_kind, iter_manifest,
 )
+from megatron_ualm.data.shard_reader import (
+    FORMAT_VERSION, ShardReader, shard_name, sha256_file, verify_shard,
+)
 
-FORMAT_VERSION = 1
+__all__ = ["DEFAULT_SAMPLES_PER_SHARD", "BuildResult", "ShardReader", "build_shards",
+           "sample_key", "verify_shard"]
+
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|tar\.sha256|index\.json)$")
 _TMP_MARK = ".tmp."
 _CHUNK = 8  # records per worker task: amortises IPC without hurting ordering latency
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}"
 
 
 def sample_key(ordinal: int) -> str:
@@ -92,14 +69,6 @@ def _atomic_write(path: str, data: bytes) -> None:
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=None,
                        separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _HashingWriter:
@@ -149,7 +118,8 @@ def _process_one(ordinal: int, item, audio_format: str) -> _Result:
     key = sample_key(ordinal)
     if isinstance(item, Reject):
         return _Result(ordinal, key, reject=dict(item.to_json(), key=key))
-    t0 = time.perf_counter()
+    # CPU time, not wall time: the decode/ours split must not depend on neighbours' load.
+    t0 = time.process_time()
     try:
         if isinstance(item, GenerationRecord):
             path, crop = item.location, [item.start_time, item.end_time]
@@ -162,8 +132,8 @@ def _process_one(ordinal: int, item, audio_format: str) -> _Result:
     except AudioError as e:
         rej = Reject(item.file, item.line, e.reason, f"{e.path}: {e.message}",
                      index=getattr(item, "index", None), key=key)
-        return _Result(ordinal, key, reject=rej.to_json(), decode_s=time.perf_counter() - t0)
-    t1 = time.perf_counter()
+        return _Result(ordinal, key, reject=rej.to_json(), decode_s=time.process_time() - t0)
+    t1 = time.process_time()
     meta = {"key": key, "kind": item.kind, "audio": path, "crop": crop,
             "num_samples": int(len(samples)), "sample_rate": SAMPLE_RATE,
             "duration": round(len(samples) / SAMPLE_RATE, 6),
@@ -178,7 +148,7 @@ def _process_one(ordinal: int, item, audio_format: str) -> _Result:
     audio = encode_audio(samples, audio_format)
     meta_b = _json_bytes(meta)
     return _Result(ordinal, key, audio, meta_b, len(samples) / SAMPLE_RATE,
-                   decode_s=t1 - t0, encode_s=time.perf_counter() - t1)
+                   decode_s=t1 - t0, encode_s=time.process_time() - t1)
 
 
 def _process_chunk(args) -> list[_Result]:
@@ -236,32 +206,6 @@ class _ShardWriter:
         return self.index
 
 
-def load_shard_index(dataset_dir: str, k: int) -> dict:
-    with open(os.path.join(dataset_dir, shard_name(k) + ".index.json"), "rb") as f:
-        return json.loads(f.read())
-
-
-def verify_shard(dataset_dir: str, k: int, fingerprint: str | None = None,
-                 check_hash: bool = True) -> dict | None:
-    """The shard's index if tar, .sha256 and index exist and agree (and the tar hashes to the
-    recorded sha256 when ``check_hash``), else None. ``fingerprint``, if given, must match."""
-    base = os.path.join(dataset_dir, shard_name(k))
-    try:
-        index = load_shard_index(dataset_dir, k)
-        with open(base + ".tar.sha256", "r", encoding="utf-8") as f:
-            recorded = f.read().split()[0]
-        size = os.path.getsize(base + ".tar")
-    except (OSError, ValueError, IndexError):
-        return None
-    if index.get("version") != FORMAT_VERSION or recorded != index.get("sha256"):
-        return None
-    if size != index.get("tar_bytes") or (fingerprint and index.get("fingerprint") != fingerprint):
-        return None
-    if check_hash and _sha256_file(base + ".tar") != recorded:
-        return None
-    return index
-
-
 # ----------------------------------------------------------------------------- builder
 
 @dataclass
@@ -271,10 +215,12 @@ class BuildResult:
     shards_written: int = 0
     shards_reused: int = 0
     wall_s: float = 0.0
+    # CPU seconds (process_time), so the split holds on a loaded machine:
     decode_s: float = 0.0  # summed over workers: load_audio (file read, decode, resample)
     encode_s: float = 0.0  # summed over workers: WAV/FLAC + JSON encoding
-    write_s: float = 0.0  # main process: tar writing, hashing, fsync, renames
+    write_s: float = 0.0  # main process: tar writing, hashing, renames (fsync waits excluded)
     bytes_written: int = 0
+    exit_code: int = 0  # 1 when the reject fraction is above max_reject_fraction
     stats: dict = field(default_factory=dict)
 
 
@@ -287,7 +233,7 @@ def _manifest_entries(manifests, kind: str) -> list[dict]:
             k = detect_kind(path) if os.path.exists(path) else "etta"
         if k not in ("af3", "etta"):
             raise ValueError(f"{path}: manifest kind {k!r} has no audio; shards take af3 or etta")
-        sha = _sha256_file(path) if os.path.exists(path) else None
+        sha = sha256_file(path) if os.path.exists(path) else None
         entries.append({"path": path, "kind": k, "sha256": sha})
     return entries
 
@@ -328,8 +274,8 @@ def build_shards(manifests, out_dir: str, kind: str = "auto",
     """Build (or finish building) audio shards from AF3 / ETTA manifests into ``out_dir``.
 
     ``manifests``: paths, or (path, kind) pairs, read in order. Bad entries are rejected and
-    listed, never raised. Returns a :class:`BuildResult`; ``result.summary.exit_code(...)`` is
-    the reject-fraction verdict.
+    listed, never raised. Returns a :class:`BuildResult`; ``result.exit_code`` is the
+    reject-fraction verdict (``result.summary.finish(max_reject_fraction)`` prints and returns it).
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
@@ -369,25 +315,25 @@ def build_shards(manifests, out_dir: str, kind: str = "auto",
     for r in _ordered_results(tasks(), num_workers, audio_format):
         k = r.ordinal // samples_per_shard
         if writer is None or writer.k != k:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             if writer is not None:
                 written[writer.k] = writer.close()
             writer = _ShardWriter(out_dir, k, k * samples_per_shard, (k + 1) * samples_per_shard,
                                   audio_format, fingerprint)
-            res.write_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
+            res.write_s += time.process_time() - t0
+        t0 = time.process_time()
         writer.add(r)
-        res.write_s += time.perf_counter() - t0
+        res.write_s += time.process_time() - t0
         res.decode_s += r.decode_s
         res.encode_s += r.encode_s
         bar.update(1)
     if writer is not None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         # The task generator is exhausted here, so the record count is known: the last
         # shard's range ends at it rather than at a multiple of samples_per_shard.
         writer.index["record_end"] = min(writer.index["record_end"], counter["records"])
         written[writer.k] = writer.close()
-        res.write_s += time.perf_counter() - t0
+        res.write_s += time.process_time() - t0
     bar.close()
 
     num_records = counter["records"]
@@ -408,6 +354,7 @@ def build_shards(manifests, out_dir: str, kind: str = "auto",
     res.bytes_written = sum(i["tar_bytes"] for i in written.values())
     res.wall_s = time.perf_counter() - t_start
     _fill_figures(res, len(written), num_workers)
+    res.exit_code = res.summary.exit_code(max_reject_fraction)
     return res
 
 
@@ -449,96 +396,9 @@ def _fill_figures(res: BuildResult, written: int, num_workers: int) -> None:
         "shards": f"{len(idx['shards'])} ({written} written, {res.shards_reused} reused)",
         "speed": f"{s['clips_per_s']:.1f} clips/s, {s['mb_per_s']:.1f} MB/s written, "
                  f"{s['wall_s']:.1f} s wall, {num_workers} workers",
-        "time": f"decode {s['decode_s']:.1f} s, encode {s['encode_s']:.1f} s (worker CPU), "
-                f"tar write {s['write_s']:.1f} s; decode share {100 * s['decode_share']:.0f}%",
+        "CPU": f"decode {s['decode_s']:.1f} s, encode {s['encode_s']:.1f} s (workers), "
+               f"tar write {s['write_s']:.1f} s (main); decode share "
+               f"{100 * s['decode_share']:.0f}%",
     })
 
 
-# ----------------------------------------------------------------------------- reader
-
-class ShardReader:
-    """Random access to a shard dataset: ``get(i) -> (key, float32 [n] at 16 kHz, meta dict)``.
-
-    Each ``get`` is one positioned read (``os.pread``) of the audio member plus the metadata
-    member that follows it. Per-shard indexes load lazily; file descriptors are cached (LRU),
-    and pread keeps the reader safe to share between threads and forked workers.
-    """
-
-    def __init__(self, dataset_dir: str, max_open: int = 64):
-        self.dir = os.fspath(dataset_dir)
-        with open(os.path.join(self.dir, "index.json"), "rb") as f:
-            self.index = json.loads(f.read())
-        self.shards = self.index["shards"]
-        self._starts = np.cumsum([0] + [s["num_samples"] for s in self.shards]).tolist()
-        self._indexes: dict[int, tuple] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._max_open = max_open
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def _locate(self, i: int) -> tuple[int, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"sample {i} out of range for {len(self)} samples in {self.dir}")
-        i %= len(self)
-        k = bisect.bisect_right(self._starts, i) - 1
-        return k, i - self._starts[k]
-
-    def _shard(self, k: int) -> tuple:
-        if k not in self._indexes:
-            with open(os.path.join(self.dir, self.shards[k]["index"]), "rb") as f:
-                members = json.loads(f.read())["members"]
-            names = [m[0] for m in members[0::2]]
-            table = np.array([m[1:] for m in members], dtype=np.int64).reshape(-1, 2, 2)
-            self._indexes[k] = (names, table)  # table[j] = [[audio off, size], [json off, size]]
-        return self._indexes[k]
-
-    def _fd(self, k: int) -> int:
-        if k in self._fds:
-            self._fds.move_to_end(k)
-            return self._fds[k]
-        if len(self._fds) >= self._max_open:
-            os.close(self._fds.popitem(last=False)[1])
-        self._fds[k] = os.open(os.path.join(self.dir, self.shards[k]["tar"]), os.O_RDONLY)
-        return self._fds[k]
-
-    def key(self, i: int) -> str:
-        k, j = self._locate(i)
-        return self._shard(k)[0][j].split(".", 1)[0]
-
-    def read_raw(self, i: int) -> tuple[str, bytes, bytes]:
-        """(key, audio file bytes, metadata JSON bytes) of sample i with one read."""
-        k, j = self._locate(i)
-        names, table = self._shard(k)
-        (a_off, a_size), (m_off, m_size) = table[j].tolist()
-        blob = os.pread(self._fd(k), m_off + m_size - a_off, a_off)
-        return names[j].split(".", 1)[0], blob[:a_size], blob[m_off - a_off:]
-
-    def get(self, i: int) -> tuple[str, np.ndarray, dict]:
-        key, audio, meta = self.read_raw(i)
-        samples, sr = decode_bytes(audio)
-        if sr != SAMPLE_RATE:
-            raise ValueError(f"{self.dir}: sample {i} ({key}) is {sr} Hz, expected {SAMPLE_RATE}")
-        return key, samples, json.loads(meta)
-
-    __getitem__ = get
-
-    def verify(self) -> list[str]:
-        """Names of shards whose tar does not hash to the recorded sha256 (empty: all good)."""
-        bad = []
-        for s in self.shards:
-            path = os.path.join(self.dir, s["tar"])
-            if not os.path.exists(path) or _sha256_file(path) != s["sha256"]:
-                bad.append(s["tar"])
-        return bad
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
