@@ -9,6 +9,7 @@ import soundfile as sf
 
 from megatron_ualm.audio.io import load_audio, quantize_pcm16, write_wav
 from megatron_ualm.data.demo import make_demo_data
+from megatron_ualm.data import shards as shards_mod
 from megatron_ualm.data.shards import ShardReader, build_shards, verify_shard
 
 SPS = 10  # samples per shard: the 24 + 24 demo entries give 5 shards, the last one short
@@ -101,7 +102,7 @@ def test_deterministic_across_worker_counts(demo, tmp_path, fmt):
         assert key.endswith("5") and len(x) == meta["num_samples"]
 
 
-def test_resume_after_crash(demo, tmp_path):
+def test_resume_after_crash(demo, tmp_path, monkeypatch):
     out = tmp_path / "s"
     _build(demo, out, workers=2)
     final = _files(out)
@@ -118,12 +119,18 @@ def test_resume_after_crash(demo, tmp_path):
     for n in final:
         if n.startswith(("shard-000000", "shard-000001", "shard-000004")):
             assert os.stat(out / n).st_mtime_ns == mtimes[n], f"{n} was rewritten"
-    # A damaged tar fails verification and is rebuilt.
+    # A damaged tar fails verification; a rebuild that crashes part-way leaves no index.json
+    # pointing into rewritten shards, and the next run rebuilds only the damaged shard.
     data = bytearray((out / "shard-000001.tar").read_bytes())
     data[2000] ^= 0xFF
     (out / "shard-000001.tar").write_bytes(bytes(data))
     assert ShardReader(out).verify() == ["shard-000001.tar"]
     assert verify_shard(str(out), 1) is None
+    with monkeypatch.context() as m:
+        m.setattr(shards_mod._ShardWriter, "close", lambda self: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            _build(demo, out)
+    assert not (out / "index.json").exists()
     res = _build(demo, out)
     assert res.shards_written == 1 and _files(out) == final
     # A different configuration does not reuse shards built for another one.

@@ -297,6 +297,7 @@ def build_shards(manifests, out_dir: str, kind: str = "auto",
         index = verify_shard(out_dir, k, fingerprint, check_hash=verify_hashes)
         if index is not None:
             reuse[k] = index
+    _drop_stale_dataset_index(out_dir, fingerprint, reuse)
     res = BuildResult(RunSummary("build_shards"), {})
     counter = {"records": 0}
 
@@ -356,6 +357,22 @@ def build_shards(manifests, out_dir: str, kind: str = "auto",
     _fill_figures(res, len(written), num_workers)
     res.exit_code = res.summary.exit_code(max_reject_fraction)
     return res
+
+
+def _drop_stale_dataset_index(out_dir: str, fingerprint: str, reuse: dict) -> None:
+    """Remove index.json unless it describes exactly the verified shards of this build: while
+    shards are rewritten, readers must fail loudly rather than mix old offsets with new tars."""
+    path = os.path.join(out_dir, "index.json")
+    try:
+        with open(path, "rb") as f:
+            old = json.loads(f.read())
+        current = (old.get("fingerprint") == fingerprint
+                   and all(k in reuse and reuse[k]["sha256"] == s["sha256"]
+                           for k, s in enumerate(old.get("shards", []))))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        current = False
+    if not current and os.path.exists(path):
+        os.remove(path)
 
 
 def _write_dataset_index(out_dir, entries, fingerprint, samples_per_shard, audio_format,
