@@ -27,7 +27,7 @@ def _docs(rng, n, clip_base=0):
 
 def _meta(n_docs, task="audio_to_caption"):
     return {"format": I.FORMAT_NAME, "version": I.FORMAT_VERSION, "task": task,
-            "vocab": {"text_vocab_size": 300, "num_codebooks": 4, "codebook_size": 16},
+            "vocab": {"text_vocab_size": 300, "tokenizer_length": 290, "num_codebooks": 4, "codebook_size": 16},
             "tokenizer": {"vocab_sha256": "abc"}, "codec": None, "sample_rate": 16000,
             "encoder_window_seconds": 30.0, "counts": {"documents": n_docs}, "sources": ["x"]}
 
@@ -81,6 +81,9 @@ def test_mismatch_refused(tmp_path):
     _write(prefix, _docs(np.random.default_rng(1), 2), [np.zeros(3, np.int16)] * 2)
     with pytest.raises(I.DatasetMismatchError, match="num_codebooks=4 but the model has num_codebooks=8"):
         I.TokenizedDataset(prefix, vocab=UnifiedVocab(300, 8, 16))
+    with pytest.raises(I.DatasetMismatchError, match="tokenizer has 290 entries but the model has text_vocab_size=200"):
+        I.TokenizedDataset(prefix, vocab=UnifiedVocab(200, 4, 16))
+    I.TokenizedDataset(prefix, vocab=UnifiedVocab(1000, 4, 16))  # more text rows: fine
     with pytest.raises(I.DatasetMismatchError, match="holds task 'audio_to_caption'"):
         I.TokenizedDataset(prefix, task="text_only")
     with pytest.raises(I.DatasetMismatchError, match="another tokenizer"):

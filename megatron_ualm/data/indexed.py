@@ -9,8 +9,9 @@ One dataset prefix ``P`` is these files (all written atomically, the sidecar las
                                16 kHz, one document of one sequence per clip; an ``AudioRef``'s
                                clip_index is its sequence index here (O(1) read). Only present
                                when the task has continuous audio.
-    P.meta.json                sidecar: format version, task, vocabulary layout, tokenizer and
-                               codec identity, counts, hours, sources, rejects by reason.
+    P.meta.json                sidecar: format version, task, vocabulary needs (tokenizer length,
+                               K, C), tokenizer and codec identity, counts, hours, sources,
+                               rejects by reason.
 
 Both pairs are byte-compatible with ``megatron.core.datasets.indexed_dataset`` (its
 ``IndexedDataset`` opens them; its ``IndexedDatasetBuilder`` would write the same bytes); the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -38,6 +40,14 @@ AUDIO_DTYPE = np.int16
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.dtype(np.int16): 3, np.dtype(np.int32): 4}
 _COPY_BLOCK = 1 << 24  # elements per block when copying/patching .bin files
+
+
+def _megatron_indexed():
+    """megatron.core.datasets.indexed_dataset, imported without its optional-kernel warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 class DatasetMismatchError(ValueError):
@@ -242,13 +252,18 @@ def check_meta(meta: dict, prefix: str, vocab: UnifiedVocab | None = None, task:
     where = meta_path(prefix)
     stored = meta["vocab"]
     if vocab is not None:
-        for name, want in (("text_vocab_size", vocab.text_vocab_size),
-                           ("num_codebooks", vocab.num_codebooks),
-                           ("codebook_size", vocab.codebook_size)):
-            if stored[name] != want:
+        # Text is stored as unified ids (text id + 256) and audio as raw codes, so a dataset fits
+        # any vocabulary with enough text rows and the same codebooks.
+        need = stored.get("tokenizer_length")
+        if need is not None and vocab.text_vocab_size < need:
+            raise DatasetMismatchError(
+                f"{where}: its tokenizer has {need} entries but the model has text_vocab_size="
+                f"{vocab.text_vocab_size}; use the model's tokenizer or raise model.text_vocab_size")
+        for name, want in (("num_codebooks", vocab.num_codebooks), ("codebook_size", vocab.codebook_size)):
+            if stored.get(name) is not None and stored[name] != want:
                 raise DatasetMismatchError(
-                    f"{where}: built with {name}={stored[name]} but the model has {name}={want}; "
-                    f"re-run the preprocessing with the model's tokenizer/codec or fix model.{name}")
+                    f"{where}: built with a codec of {name}={stored[name]} but the model has "
+                    f"{name}={want}; re-run the preprocessing with the model's codec or fix model.{name}")
     if task is not None and meta["task"] != task:
         raise DatasetMismatchError(f"{where}: holds task {meta['task']!r}, listed as {task!r} in "
                                    "the data config; fix the DatasetSpec's task")
@@ -269,13 +284,13 @@ class TokenizedDataset:
 
     def __init__(self, prefix: str, vocab: UnifiedVocab | None = None, task: str | None = None,
                  tokenizer: dict | None = None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+        IndexedDataset = _megatron_indexed().IndexedDataset
         self.prefix = os.fspath(prefix)
         self.meta = read_meta(self.prefix)
         check_meta(self.meta, self.prefix, vocab, task, tokenizer)
         self.task = self.meta["task"]
-        self.num_codebooks = int(self.meta["vocab"]["num_codebooks"])
+        # None when the dataset holds no codec segments (text and waveform tasks)
+        self.num_codebooks = self.meta["vocab"].get("num_codebooks")
         self.docs = IndexedDataset(self.prefix, multimodal=True)
         if len(self.docs.index.document_indices) - 1 != self.meta["counts"]["documents"]:
             raise DatasetMismatchError(f"{meta_path(self.prefix)} counts "
@@ -308,14 +323,12 @@ class TokenizedDataset:
 
     def rows(self) -> np.ndarray:
         """int64 [D] LM rows per document (see :func:`rows_per_document`)."""
-        return rows_per_document(self.docs, self.num_codebooks)
+        return rows_per_document(self.docs, self.num_codebooks or 1)
 
 
 # --- concatenation (rank/chunk parts -> one dataset; several datasets -> one) ----------------
 def _read_index(prefix: str, multimodal: bool):
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
-    return _IndexReader(idx_path(prefix), multimodal=multimodal)
+    return _megatron_indexed()._IndexReader(idx_path(prefix), multimodal=multimodal)
 
 
 def _copy_bin(src: str, dst, dtype, patch_positions: np.ndarray | None, patch_add: int) -> None:
