@@ -130,7 +130,7 @@ def describe_inputs(inputs: list[str], kind: str, task: str) -> list[Source]:
 
 def iter_items(sources: list[Source]) -> Iterator[Item]:
     """Every entry of every input, numbered in order; shard entries are read lazily."""
-    from megatron_ualm.data.shards import ShardReader
+    from megatron_ualm.data.shard_reader import ShardReader
 
     ordinal = 0
     for src in sources:
@@ -154,7 +154,7 @@ def _materialize(items: list[Item], threads: int) -> None:
     """Shard entries: one read each for (audio bytes, metadata) -> record + lazy decoder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from megatron_ualm.data.shards import ShardReader
+    from megatron_ualm.data.shard_reader import ShardReader
 
     todo = [it for it in items if isinstance(it.record, tuple) and it.record[0] == "shard"]
     if not todo:
