@@ -191,3 +191,24 @@ def test_kill_and_resume_byte_identical(tmp_path, demo):
     assert "already complete" in again.figures["chunks"]
     with pytest.raises(FileExistsError, match="--overwrite"):
         _run([d.etta], "caption_to_audio", tmp_path / "u", tok_dir, chunk_size=4)
+
+
+def test_merge_and_inspect_tools(tmp_path, demo):
+    d, tok_dir = demo
+    _run([d.af3], "audio_to_conversation", tmp_path / "a", tok_dir)
+    _run([d.etta], "audio_to_conversation", tmp_path / "b", tok_dir)
+    tools = os.path.join(ROOT, "data_tools")
+    out = subprocess.run([sys.executable, f"{tools}/merge_datasets.py", "--out", str(tmp_path / "ab"),
+                          str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    a, b, ab = (I.TokenizedDataset(str(tmp_path / n)) for n in ("a", "b", "ab"))
+    assert len(ab) == len(a) + len(b) and ab.num_clips == a.num_clips + b.num_clips
+    last = ab.segments(len(ab) - 1)
+    (ref,) = [s for s in last if s.mode == T.MODE_AUDIO_REF]
+    np.testing.assert_array_equal(ab.clip_pcm16(int(ref.data[0])), b.clip_pcm16(b.num_clips - 1))
+    shown = subprocess.run([sys.executable, f"{tools}/inspect_dataset.py", str(tmp_path / "ab"),
+                            "--example", "0", "--wav-out", str(tmp_path / "x.wav")],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "audio_to_conversation" in shown.stdout and "placeholder rows" in shown.stdout
+    assert "<|assistant|>" in shown.stdout and os.path.getsize(tmp_path / "x.wav") > 44

@@ -392,22 +392,37 @@ def concat_datasets(prefixes: Sequence[str], out_prefix: str, meta: dict) -> Non
     write_json_atomic(meta_path(out_prefix), meta)
 
 
-def merge_metas(metas: Sequence[dict], sources_label: str | None = None) -> dict:
+def merge_metas(metas: Sequence[dict]) -> dict:
     """Sidecar of a concatenation: identity fields must agree; counts and figures add up."""
+    import hashlib
+
     if not metas:
         raise ValueError("nothing to merge")
     first = metas[0]
     for m in metas[1:]:
-        for key in ("task", "vocab", "tokenizer", "codec", "encoder_window_seconds", "sample_rate"):
+        for key in ("format", "version", "task", "vocab", "tokenizer", "codec",
+                    "encoder_window_seconds", "sample_rate"):
             if m.get(key) != first.get(key):
                 raise DatasetMismatchError(f"cannot merge datasets with different {key}: "
                                            f"{first.get(key)!r} vs {m.get(key)!r}")
-    out = {k: v for k, v in first.items() if k not in ("counts", "rejected", "sources", "tokens")}
+    out = dict(first)
     out["counts"] = _sum_dicts(m["counts"] for m in metas)
+    out["kept"] = out["counts"].get("documents", 0)
     out["rejected"] = _sum_dicts(m.get("rejected", {}) for m in metas)
-    out["sources"] = sorted({s for m in metas for s in m.get("sources", [])})
+    out["sources"] = [s for m in metas for s in m.get("sources", [])]
+    out["options"] = [m.get("options") for m in metas] if len(metas) > 1 else first.get("options")
     out["audio_hours"] = round(out["counts"].get("audio_samples", 0) / SAMPLE_RATE / 3600, 6)
+    out["build_fingerprint"] = hashlib.sha256(
+        "".join(m.get("build_fingerprint", "") for m in metas).encode()).hexdigest()
     return out
+
+
+def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> dict:
+    """Concatenate finished datasets of one task (same tokenizer/codec) into ``out_prefix``."""
+    metas = [read_meta(p) for p in prefixes]
+    meta = merge_metas(metas)
+    concat_datasets(prefixes, out_prefix, meta)
+    return meta
 
 
 def _sum_dicts(dicts: Iterable[dict]) -> dict:
