@@ -1,0 +1,63 @@
+"""The Qwen2 decoder layer as a megatron ``ModuleSpec``.
+
+Megatron's own modules everywhere except two seams:
+* the norm is :class:`~megatron_ualm.model.norm.RMSNorm` (supports sequence parallelism);
+* core attention is :class:`~megatron_ualm.model.attention.UALMCoreAttention` (SDPA /
+  FlexAttention / TE backends, packed-example masks) instead of megatron's unfused
+  baddbmm path.
+
+Qwen2 shape choices live in the ``TransformerConfig`` (see ``transformer_config.py``):
+bias on the QKV projection only, gated SiLU MLP whose fc1 is [gate; up].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
+from megatron_ualm.model.norm import RMSNorm
+
+
+def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None) -> ModuleSpec:
+    """One Qwen2 transformer layer (pre-norm attention + pre-norm SwiGLU MLP)."""
+    core_attention = ModuleSpec(module=UALMCoreAttention,
+                                params={"backend": attention_backend, "mask_cache": mask_cache})
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def qwen2_block_spec(config, attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None,
+                     vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage (and virtual stage) builds, plus the final RMSNorm."""
+    layer = qwen2_layer_spec(attention_backend, mask_cache)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
