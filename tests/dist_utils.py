@@ -138,12 +138,9 @@ def _launch_once(fn, world_size, args, kwargs, timeout) -> List[Any]:
                     if results[r] is None and os.path.exists(paths[r]):
                         results[r] = _read(paths[r])
                         if results[r][0] == "error":
-                            raise _RankError(r, world_size, results[r][1])
+                            raise _first_error(procs, paths, world_size)
                     if results[r] is None and not p.is_alive() and not os.path.exists(paths[r]):
-                        raise _RankError(
-                            r, world_size,
-                            f"process exited with code {p.exitcode} without reporting a result "
-                            "(crash, os._exit or killed)")
+                        raise _first_error(procs, paths, world_size)
                 if all(res is not None for res in results):
                     break
                 if time.monotonic() > deadline:
@@ -157,6 +154,34 @@ def _launch_once(fn, world_size, args, kwargs, timeout) -> List[Any]:
         finally:
             _kill(procs)
         return [res[1] for res in results]
+
+
+def _first_error(procs, paths, world_size) -> "_RankError":
+    """The root cause among failed ranks: the earliest-written error report.
+
+    A failure on one rank usually makes its peers fail too (broken pipe, timeout), a little
+    later; waiting a moment and taking the oldest report names the rank that failed first.
+    A rank that died without any report (segfault, OOM kill) is taken as the cause first.
+    """
+    time.sleep(0.5)
+    reports = []
+    for r, (p, path) in enumerate(zip(procs, paths)):
+        if os.path.exists(path):
+            status, detail = _read(path)
+            if status == "error":
+                reports.append(((1, os.path.getmtime(path)), r, detail))
+        elif not p.is_alive():
+            reports.append(((0, 0.0), r,
+                            f"process exited with code {p.exitcode} without reporting a result "
+                            "(crashed, called os._exit or was killed; its stderr is above). "
+                            "Children start with 'spawn': fn must be importable by module path, "
+                            "not defined in __main__ of a notebook/stdin"))
+    reports.sort()
+    _, rank, detail = reports[0]
+    others = [r for _, r, _ in reports[1:]]
+    if others:
+        detail += f"\n(ranks {others} failed too, probably as a consequence)"
+    return _RankError(rank, world_size, detail)
 
 
 class _RankError(RuntimeError):

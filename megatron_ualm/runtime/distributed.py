@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cpu_compat import apply_cpu_compat
+from .cpu_compat import apply_cpu_compat, is_cpu_compat_applied
 
 __all__ = ["Runtime", "init_runtime", "shutdown_runtime", "set_cuda_device_max_connections"]
 
@@ -210,6 +210,11 @@ def init_runtime(
                      virtual_pipeline_parallel, context_parallel)
 
     dev = _choose_device(device, local_rank)
+    if dev.type == "cuda" and is_cpu_compat_applied():
+        raise RuntimeError(
+            "this process already ran on CPU (apply_cpu_compat redirected CUDA to CPU "
+            "process-wide); start a fresh process for a CUDA runtime, or pass device='cpu'"
+        )
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if dev.type == "cuda":
         set_cuda_device_max_connections(tensor_parallel, context_parallel)
