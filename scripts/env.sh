@@ -20,6 +20,6 @@ echo "[env] building $VENV (torch: $TORCH_SPEC)" >&2
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 CONSTRAINT="$VENV/torch-constraint.txt"
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINT"
-"$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" -e "$ROOT[test]"
+"$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" --config-settings editable_mode=compat -e "$ROOT[test]"
 echo "$WANT" > "$STAMP"
 echo "[env] ready: $("$VENV/bin/python" -c 'import torch, megatron.core as m, transformers as t; print("torch", torch.__version__, "| megatron-core", m.__version__, "| transformers", t.__version__)')" >&2
