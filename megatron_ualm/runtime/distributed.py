@@ -124,6 +124,17 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def _env_from_slurm() -> None:
+    """`srun` with one task per GPU (slurm/pretrain_ualm.sh, LAUNCHER=srun) sets SLURM_PROCID,
+    SLURM_NTASKS and SLURM_LOCALID instead of torchrun's variables; translate them. A
+    torchrun launch (RANK already set) is left alone."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -201,6 +212,7 @@ def init_runtime(
             "megatron model parallel state is already initialised; call shutdown_runtime() first"
         )
 
+    _env_from_slurm()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0 if world_size == 1 else rank)
