@@ -18,7 +18,8 @@ Backends (``ModelConfig.attention_backend``):
   ``is_causal`` (flash / cuDNN kernels on GPU); packed batches pass an explicit
   block-diagonal causal boolean mask [b, 1, s, s] (memory-efficient or math kernel).
 * ``"flex"``: FlexAttention with a ``BlockMask`` built from the document ids, so fully
-  masked tiles are skipped. Compiled on GPU; runs eagerly (slowly) on CPU.
+  masked tiles are skipped. Compiled on GPU; runs eagerly (slowly) on CPU, forward only
+  (torch has no CPU backward for it: calls that need gradients use sdpa there).
 * ``"te"``: TransformerEngine's fused attention through megatron's
   ``TEDotProductAttention`` for unpacked batches; packed batches go to flex (GPU) or
   sdpa. When TE is not installed it behaves like ``"auto"`` (a warning is logged).
@@ -184,6 +185,7 @@ class UALMCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.mask_cache = mask_cache if mask_cache is not None else MaskCache()
         self._te = None
+        self._warned_flex_cpu = False
         self._te_args = dict(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                              attention_type=attention_type, softmax_scale=softmax_scale,
                              pg_collection=pg_collection)
@@ -218,6 +220,12 @@ class UALMCoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
         gqa = k.shape[1] != q.shape[1]
 
+        if kind == "flex" and not q.is_cuda and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            if not self._warned_flex_cpu:
+                logger.warning("FlexAttention has no backward on CPU; using sdpa for this call")
+                self._warned_flex_cpu = True
+            kind = "sdpa"
         if kind == "flex":
             if packed:
                 block_mask = self.mask_cache.get("flex", document_ids, lambda: flex_block_mask(document_ids))
@@ -225,6 +233,8 @@ class UALMCoreAttention(MegatronModule):
                 block_mask = self.mask_cache.get("flex_causal", None, lambda: _causal_block_mask(sq, sk, q.device),
                                                  extra=(sq, sk, q.device))
             fn = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention()
+            if not torch.is_grad_enabled():  # flex checks requires_grad, not grad mode
+                q, k, v = q.detach(), k.detach(), v.detach()
             out = fn(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=gqa)
         elif kind == "sdpa":
             if packed:

@@ -1,0 +1,125 @@
+"""HF adapter round trips, TP layout, audio encoder frame counts, KV-cached decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_batches import WINDOW_SECONDS, make_examples, pack, tiny_model_cfg
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    rt = init_runtime(device="cpu", seed=5)
+    yield rt
+    shutdown_runtime()
+
+
+# --- HF adapter -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_to_ualm_to_hf_is_bit_exact(tied):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from megatron_ualm.model.hf_adapter import (
+        EMBEDDING, HEAD, hf_to_ualm, qwen2_config_dict, qwen2_shape, ualm_tables_from_parts, ualm_to_hf,
+    )
+    from megatron_ualm.model.ualm_model import padded_vocab
+    cfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(**{**qwen2_config_dict(cfg), "tie_word_embeddings": tied}))
+    hf_sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    shape = qwen2_shape(hf.config)
+    assert shape["rotary_base"] == cfg.rotary_base and shape["kv_channels"] == cfg.kv_channels
+    vocab = padded_vocab(cfg, tensor_parallel=2)
+    full = hf_to_ualm(hf_sd, shape, vocab, seed=7)
+    assert full[EMBEDDING].shape == (vocab.padded_size, cfg.hidden_size)
+    assert torch.count_nonzero(full[EMBEDDING][0]) == 0
+    assert torch.equal(full[EMBEDDING][256:256 + cfg.text_vocab_size], hf_sd["model.embed_tokens.weight"])
+    back, extras = ualm_to_hf(full, shape, vocab)
+    expected = dict(hf_sd)
+    expected.setdefault("lm_head.weight", hf_sd["model.embed_tokens.weight"])
+    assert set(back) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(back[k], v), k
+    emb, head = ualm_tables_from_parts(back["model.embed_tokens.weight"], back["lm_head.weight"], extras, vocab)
+    assert torch.equal(emb[:vocab.size], full[EMBEDDING][:vocab.size])
+    assert torch.equal(head[:vocab.size], full[HEAD][:vocab.size])
+    # the same seed gives the same new rows
+    assert torch.equal(hf_to_ualm(hf_sd, shape, vocab, seed=7)[HEAD], full[HEAD])
+
+
+def test_qkv_fusion_is_grouped_and_invertible():
+    from megatron_ualm.model.hf_adapter import fuse_qkv, split_qkv
+    H, G, d = 4, 2, 3
+    q = torch.arange(H * d).float()[:, None] + 100
+    k = torch.arange(G * d).float()[:, None] + 200
+    v = torch.arange(G * d).float()[:, None] + 300
+    fused = fuse_qkv(q, k, v, H, G)
+    # group 0: q heads 0-1, k0, v0; group 1: q heads 2-3, k1, v1
+    expected = torch.cat([q[:6], k[:3], v[:3], q[6:], k[3:], v[3:]])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, H, G, d), (q, k, v)))
+
+
+def test_tp_shard_and_gather_are_inverse():
+    from megatron_ualm.model.tp_layout import gather_tensor, shard_tensor
+    full = torch.arange(8 * 6).reshape(8, 6)
+    for name in ("embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+                 "decoder.layers.0.self_attention.linear_proj.weight", "decoder.final_layernorm.weight"):
+        shards = [shard_tensor(name, full, r, 2) for r in range(2)]
+        assert torch.equal(gather_tensor(name, shards), full)
+    fc1 = [shard_tensor("x.linear_fc1.weight", full, r, 2) for r in range(2)]
+    assert torch.equal(fc1[0], torch.cat([full[0:2], full[4:6]]))  # [gate_0; up_0]
+
+
+# --- audio encoder --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "whisper"])
+def test_encoder_gives_exact_frame_counts(kind):
+    from megatron_ualm.audio.frames import num_encoder_frames
+    from megatron_ualm.config import EncoderConfig
+    from megatron_ualm.model.audio_encoder import AudioEncoder
+    enc = AudioEncoder(EncoderConfig(kind=kind, window_seconds=WINDOW_SECONDS), hidden_size=16)
+    assert not any(p.requires_grad for p in enc.encoder.parameters())
+    enc.train()
+    assert not enc.encoder.training and enc.adapter.training
+    lengths = [480, 1000, 4800, 4800 + 479, 4800 + 480, 11_123]
+    wave = torch.randn(len(lengths), max(lengths)) * 0.1
+    out = enc(wave, torch.tensor(lengths))
+    assert out.shape == (sum(num_encoder_frames(n, WINDOW_SECONDS) for n in lengths), 16)
+    assert out.requires_grad  # through the adapter
+    # windows are encoded independently: a clip equals its windows encoded as separate clips
+    with torch.no_grad():
+        whole = enc(wave[5:6], torch.tensor([11_123]))
+        parts = enc(torch.stack([wave[5, :4800], wave[5, 4800:9600], torch.nn.functional.pad(wave[5, 9600:11_123], (0, 3277))]),
+                    torch.tensor([4800, 4800, 1523]))
+    torch.testing.assert_close(whole, parts, atol=1e-5, rtol=1e-5)
+
+
+# --- KV cache -------------------------------------------------------------------------------------
+def test_kv_cached_decoding_matches_full_recompute(runtime):
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    cfg = tiny_model_cfg()
+    model = UALMModel(cfg, transformer_config_from(cfg, None, "fp32")).eval()
+    ex, clips = make_examples(model.vocab)
+    rows = [ex["qa"], ex["tta"]]
+    S = max(e.num_rows for e in rows)
+    batch = pack(rows, S, clips, model.vocab.num_codebooks)
+    audio = {k: batch[k] for k in ("audio_waveforms", "audio_num_samples", "audio_rows")}
+    tokens = batch["tokens"]
+    pos = torch.arange(S).repeat(2, 1)  # cached decoding numbers positions 0, 1, ... per row
+    full0, full_blocks = model.logits(tokens, pos, None, **audio)
+
+    prompt = int(batch["audio_rows"][0, 1] + batch["audio_rows"][0, 2]) + 1  # past the audio span
+    ctx = StaticInferenceContext(max_batch_size=2, max_sequence_length=S)
+    got0, got_blocks = model.logits(tokens[:, :prompt], pos[:, :prompt], None, inference_context=ctx, **audio)
+    ctx.sequence_len_offset += prompt
+    ctx.enable_decode_mode()
+    steps0, steps_blocks = [got0], [got_blocks]
+    for t in range(prompt, S):
+        l0, lb = model.logits(tokens[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx)
+        ctx.sequence_len_offset += 1
+        steps0.append(l0)
+        steps_blocks.append(lb)
+    torch.testing.assert_close(torch.cat(steps0, 1), full0, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps_blocks, 1), full_blocks, atol=2e-5, rtol=1e-5)
