@@ -26,6 +26,8 @@ import struct
 import warnings
 from typing import Iterable, Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from megatron_ualm.formats import templates as T
@@ -327,8 +329,34 @@ class TokenizedDataset:
 
 
 # --- concatenation (rank/chunk parts -> one dataset; several datasets -> one) ----------------
-def _read_index(prefix: str, multimodal: bool):
-    return _megatron_indexed()._IndexReader(idx_path(prefix), multimodal=multimodal)
+@dataclass
+class IndexArrays:
+    """The arrays of a Megatron .idx, read with numpy alone (no torch import)."""
+    dtype: np.dtype
+    sequence_lengths: np.ndarray   # int32 [S]
+    sequence_pointers: np.ndarray  # int64 [S], bytes into .bin
+    document_indices: np.ndarray   # int64 [D + 1]
+    sequence_modes: np.ndarray | None  # int8 [S]
+
+
+def read_index(prefix: str, multimodal: bool) -> IndexArrays:
+    path = idx_path(prefix)
+    with open(path, "rb") as f:
+        head = f.read(34)
+    if head[:9] != _IDX_MAGIC or struct.unpack("<Q", head[9:17])[0] != 1:
+        raise ValueError(f"{path}: not a Megatron IndexedDataset index (version 1)")
+    dtype = {v: k for k, v in _DTYPE_CODES.items()}[head[17]]
+    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    off = 34
+    lengths = np.frombuffer(buf, np.int32, n_seq, off)
+    off += 4 * n_seq
+    pointers = np.frombuffer(buf, np.int64, n_seq, off)
+    off += 8 * n_seq
+    docs = np.frombuffer(buf, np.int64, n_doc, off)
+    off += 8 * n_doc
+    modes = np.frombuffer(buf, np.int8, n_seq, off) if multimodal else None
+    return IndexArrays(dtype, lengths, pointers, docs, modes)
 
 
 def _copy_bin(src: str, dst, dtype, patch_positions: np.ndarray | None, patch_add: int) -> None:
@@ -361,7 +389,7 @@ def concat_datasets(prefixes: Sequence[str], out_prefix: str, meta: dict) -> Non
         audio_bin = open(tmp[bin_path(ap)], "wb") if with_audio else None
         try:
             for p in prefixes:
-                index = _read_index(p, multimodal=True)
+                index = read_index(p, multimodal=True)
                 m = np.array(index.sequence_modes)
                 refs = np.flatnonzero(m == T.MODE_AUDIO_REF)
                 positions = index.sequence_pointers[refs] // np.dtype(TOKEN_DTYPE).itemsize
@@ -372,7 +400,7 @@ def concat_datasets(prefixes: Sequence[str], out_prefix: str, meta: dict) -> Non
                 seq_offset += len(index.sequence_lengths)
                 del index
                 if os.path.exists(idx_path(audio_prefix(p))):
-                    aidx = _read_index(audio_prefix(p), multimodal=False)
+                    aidx = read_index(audio_prefix(p), multimodal=False)
                     clip_lengths.append(np.array(aidx.sequence_lengths))
                     clip_offset += len(aidx.sequence_lengths)
                     del aidx

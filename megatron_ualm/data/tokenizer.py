@@ -13,18 +13,46 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """``AutoTokenizer`` from a local directory (never downloads); fast tokenizers only."""
-    from transformers import AutoTokenizer
+class TextTokenizer:
+    """The Rust tokenizer of a local HF directory, without importing transformers/torch.
 
+    Same ids as ``AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)``;
+    ``len()`` counts added tokens as the HF tokenizer does."""
+
+    def __init__(self, backend, path: str | None = None):
+        self.backend = backend  # tokenizers.Tokenizer
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """A local tokenizer directory (never downloads). ``tokenizer.json`` is read directly;
+    a directory without one goes through ``AutoTokenizer`` (which must give a fast tokenizer)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist; pass a local HF "
                                 "tokenizer directory (nothing is downloaded)")
+    path = os.path.abspath(path)
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tj):
+        from tokenizers import Tokenizer
+        return TextTokenizer(Tokenizer.from_file(tj), path)
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tok.is_fast:
         raise ValueError(f"{path}: a fast (Rust) tokenizer is needed (tokenizer.json)")
-    return tok
+    return TextTokenizer(tok.backend_tokenizer, path)
 
 
 def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 512):
@@ -50,7 +78,10 @@ def encode_batch(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
     """Texts -> int32 id arrays, no special tokens added (one Rust batch call)."""
     if not texts:
         return []
-    enc = tokenizer._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    backend = tokenizer.backend if isinstance(tokenizer, TextTokenizer) else tokenizer._tokenizer
+    # encode_batch_fast skips character offsets, which we never use (~15% less CPU)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    enc = encode(list(texts), add_special_tokens=False)
     return [np.asarray(e.ids, dtype=np.int32) for e in enc]
 
 
