@@ -63,7 +63,9 @@ class PackedRows(torch.utils.data.Dataset):
         if not sources:
             raise ValueError("no datasets to read: data.train is empty")
         self.sources, self.tasks, self.vocab, self.settings = list(sources), list(tasks), vocab, settings
-        self._lengths = [np.full(len(s), -1, dtype=np.int64) for s in sources]
+        # Training positions per document (rows - 1); read from the index when the source can.
+        self._lengths = [np.asarray(s.rows(), dtype=np.int64) - 1 if hasattr(s, "rows")
+                         else np.full(len(s), -1, dtype=np.int64) for s in sources]
         self.rows, self.stats = self._plan(list(weights), num_rows, blend)
 
     # --- planning -------------------------------------------------------------------------
@@ -75,6 +77,17 @@ class PackedRows(torch.utils.data.Dataset):
             self._lengths[d][doc] = cached
         return int(cached)
 
+    def _stream_lengths(self, order, docs) -> np.ndarray:
+        for d in range(len(self.sources)):
+            missing = np.unique(docs[(order == d)][self._lengths[d][docs[order == d]] < 0])
+            for doc in missing:
+                self.example_length(d, int(doc))
+        out = np.empty(len(order), dtype=np.int64)
+        for d in range(len(self.sources)):
+            sel = order == d
+            out[sel] = self._lengths[d][docs[sel]]
+        return out
+
     def _plan(self, weights, num_rows, blend):
         s = self.settings
         sizes = [len(src) for src in self.sources]
@@ -82,7 +95,7 @@ class PackedRows(torch.utils.data.Dataset):
             n = max(num_rows, 1) * 2
             while True:
                 order, docs = blended_samples(sizes, weights, n, s.seed)
-                lengths = [self.example_length(d, doc) for d, doc in zip(order, docs)]
+                lengths = self._stream_lengths(order, docs)
                 plan = pack(lengths, s.seq_length, s.overlong, s.pack_window, s.packing)
                 # only whole windows are final: a longer stream could change the last one
                 complete = [r for r in plan.rows if max(i for i, _ in r) < (n // s.pack_window) * s.pack_window]
@@ -96,7 +109,7 @@ class PackedRows(torch.utils.data.Dataset):
         else:  # validation: every example once, in order
             order = np.concatenate([np.full(sz, d, dtype=np.int64) for d, sz in enumerate(sizes)])
             docs = np.concatenate([np.arange(sz, dtype=np.int64) for sz in sizes])
-            lengths = [self.example_length(d, doc) for d, doc in zip(order, docs)]
+            lengths = self._stream_lengths(order, docs)
             plan = pack(lengths, s.seq_length, s.overlong, s.pack_window, s.packing)
             rows = plan.rows[:num_rows] if num_rows else plan.rows
         self._order, self._docs = order, docs
