@@ -123,3 +123,32 @@ def test_kv_cached_decoding_matches_full_recompute(runtime):
         steps_blocks.append(lb)
     torch.testing.assert_close(torch.cat(steps0, 1), full0, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps_blocks, 1), full_blocks, atol=2e-5, rtol=1e-5)
+
+
+# --- bf16 under megatron's Float16Module ---------------------------------------------------------
+def test_bf16_float16module_tracks_fp32(runtime):
+    from megatron.core.transformer.module import Float16Module
+    from megatron_ualm.model.loss import ualm_loss
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from model_batches import model_inputs
+    cfg = tiny_model_cfg()
+    fp32 = UALMModel(cfg, transformer_config_from(cfg, None, "fp32"))
+    bf16_config = transformer_config_from(cfg, None, "bf16")
+    bf16 = UALMModel(cfg, bf16_config)
+    bf16.load_state_dict(fp32.state_dict())
+    wrapped = Float16Module(bf16_config, bf16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    ex, clips = make_examples(fp32.vocab)
+    batch = pack(list(ex.values()), max(e.num_rows for e in ex.values()), clips, fp32.vocab.num_codebooks)
+    inputs = model_inputs(batch)
+    tokens, pos = inputs.pop("tokens"), inputs.pop("position_ids")
+    with torch.no_grad():
+        ref = ualm_loss(fp32(tokens, pos, **inputs).ce, batch["loss_weights"])
+    out = wrapped(tokens, pos, **inputs)  # float inputs as keywords: kept float32
+    assert out.ce.dtype == torch.float32
+    loss = ualm_loss(out.ce, batch["loss_weights"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref, atol=0.05, rtol=0.02)
+    grads = [p.grad for p in bf16.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g.float()).all() for g in grads)
