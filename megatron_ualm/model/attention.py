@@ -82,8 +82,9 @@ def document_causal_mask(document_ids: Optional[Tensor], num_queries: int, num_k
                          device: torch.device) -> Tensor:
     """Boolean mask, True where attention is allowed.
 
-    document_ids: int [b, s] with s == num_queries == num_keys, or None (plain causal, the
-    queries being the last ``num_queries`` of ``num_keys`` positions).
+    The queries are the last ``num_queries`` of ``num_keys`` positions (fewer queries than
+    keys: KV-cached decoding). document_ids: int [b, num_keys], one id per key position
+    (the queries take the last ``num_queries`` of them), or None (plain causal).
     Returns [b, 1, num_queries, num_keys] (b = 1 when document_ids is None).
     """
     q_pos = torch.arange(num_keys - num_queries, num_keys, device=device)
@@ -91,9 +92,10 @@ def document_causal_mask(document_ids: Optional[Tensor], num_queries: int, num_k
     causal = k_pos[None, :] <= q_pos[:, None]
     if document_ids is None:
         return causal[None, None]
-    if document_ids.shape[1] != num_queries or num_queries != num_keys:
-        raise ValueError("document_ids need as many queries as keys (no KV cache when packed)")
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    if document_ids.shape[1] != num_keys or num_queries > num_keys:
+        raise ValueError(f"document_ids [b, {document_ids.shape[1]}] must give one id per key "
+                         f"({num_keys}) with at most as many queries ({num_queries})")
+    same_doc = document_ids[:, num_keys - num_queries:, None] == document_ids[:, None, :]
     return (same_doc & causal[None])[:, None]
 
 
@@ -205,6 +207,8 @@ class UALMCoreAttention(MegatronModule):
         document_ids = attention_mask
         packed = document_ids is not None
         kind = resolve_backend(self.backend, query.device, packed)
+        if packed and sq != sk:
+            kind = "sdpa"  # left-padded KV-cached decoding: a dense mask over the cache
 
         if kind == "te":
             from megatron.core.transformer.enums import AttnMaskType
