@@ -38,7 +38,6 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from megatron_ualm.audio.frames import num_encoder_frames
 from megatron_ualm.formats.vocab import UnifiedVocab
 
 REQUIRED_KEYS = ("tokens", "labels", "loss_weights", "position_ids", "document_ids",
@@ -84,6 +83,7 @@ def validate_batch(batch: Mapping[str, Tensor], vocab: UnifiedVocab,
     _expect(tuple(rows.shape) == (N, 3), f"audio_rows must be [N={N}, 3], got {list(rows.shape)}")
     if not check_values:
         return
+    from megatron_ualm.audio.frames import num_encoder_frames  # lazy: megatron_ualm.audio needs soundfile
 
     _expect(bool(((tokens >= 0) & (tokens < vocab.size)).all()), "token id outside the real vocabulary")
     _expect(bool((weights >= 0).all()), "negative loss weight")

@@ -40,7 +40,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ualm.formats.vocab import UnifiedVocab
 from megatron_ualm.model.attention import MaskCache
-from megatron_ualm.model.audio_encoder import AudioEncoder
 from megatron_ualm.model.batch import is_packed
 from megatron_ualm.model.embedding import MultiStreamEmbedding
 from megatron_ualm.model.head import MultiStreamHead, StreamLosses
@@ -82,6 +81,9 @@ class UALMModel(MegatronModule):
             self.embedding = MultiStreamEmbedding(config, self.vocab)
             enc = model_cfg.encoder
             if enc.kind != "none":
+                # imported here: megatron_ualm.audio pulls in audio I/O (soundfile), which a
+                # text-only or benchmark run on a bare GPU machine may not have
+                from megatron_ualm.model.audio_encoder import AudioEncoder
                 device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
                 self.audio_encoder = AudioEncoder(enc, config.hidden_size, config.init_method_std,
                                                   dtype=config.params_dtype, device=device)

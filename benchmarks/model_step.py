@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Training-step throughput of UALMModel vs transformers Qwen2ForCausalLM on one device.
+
+    python benchmarks/model_step.py                      # Qwen2.5-1.5B shape, seq 4096, mb 2, bf16, GPU
+    python benchmarks/model_step.py --tiny               # CPU smoke run (CI)
+    python benchmarks/model_step.py --only ualm --attention-backend sdpa
+
+Shape (default): Qwen2.5-1.5B decoder (28 layers, 1536 wide, 8960 FFN, 12 query / 2 KV
+heads of 128) with the UALM vocabulary: 256 + 151,936 + 8 x 1025 = 160,392 rows (UALM pads
+to a multiple of 128), untied head, K = 8 streams, C = 1024; no audio encoder (continuous
+audio is a small, frozen side cost; see ENVIRONMENT.md for the encoder's throughput).
+
+One step = forward + backward + AdamW update.
+* UALM: megatron's Float16Module (bf16 weights), DDP with fp32 gradient buffers and the
+  distributed optimizer (fp32 master weights), as training runs it. Synthetic packed rows:
+  examples of 256..2048 rows, ~75% text rows (stream-0 loss) and ~25% discrete audio rows
+  (all K streams, weight 1/K), positions restart per example (packed attention).
+  ``--optimizer torch`` instead keeps bf16 weights and uses torch's fused AdamW, like the
+  HF baseline.
+* HF: Qwen2ForCausalLM, sdpa attention, bf16 weights, fused torch AdamW, the same vocabulary
+  size, one causal sequence per row, next-token CE.
+
+Model FLOPs per token (the same formula for both, ENVIRONMENT.md's):
+    6 * (non-embedding parameters + head parameters) + 6 * L * hidden * S   (causal attention)
+TFLOP/s = FLOPs/token * tokens/s; MFU against 989 TFLOP/s (H100/H200 dense bf16).
+Peak memory is torch.cuda.max_memory_allocated over the timed steps (GPU only).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PEAK_TFLOPS = 989.0
+
+FULL = dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, num_query_groups=2,
+            kv_channels=128, text_vocab_size=151_936, num_codebooks=8, codebook_size=1024)
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+            kv_channels=16, text_vocab_size=300, num_codebooks=4, codebook_size=16)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_flops_per_token(shape: dict, vocab_rows: int, seq_len: int) -> float:
+    """6 * (non-embedding + head params) + 6 * L * hidden * S."""
+    h, f, L = shape["hidden_size"], shape["ffn_hidden_size"], shape["num_layers"]
+    d, nq, nkv = shape["kv_channels"], shape["num_attention_heads"], shape["num_query_groups"]
+    attn = h * (nq + 2 * nkv) * d + (nq + 2 * nkv) * d + nq * d * h  # qkv (+bias), o
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    params = L * per_layer + h + vocab_rows * h  # + final norm + head
+    return 6.0 * params + 6.0 * L * h * seq_len
+
+
+def synthetic_ualm_batch(vocab, batch: int, seq_len: int, device, generator: torch.Generator,
+                         min_doc: int, max_doc: int, audio_share: float = 0.25) -> dict:
+    """Packed rows of text and discrete-audio examples following model/batch.py's contract."""
+    K = vocab.num_codebooks
+    tokens = torch.zeros(batch, seq_len, K, dtype=torch.long)
+    weights = torch.zeros(batch, seq_len, K)
+    pos = torch.zeros(batch, seq_len, dtype=torch.long)
+    docs = torch.zeros(batch, seq_len, dtype=torch.int32)
+    for b in range(batch):
+        at, d = 0, 0
+        while at < seq_len:
+            n = min(int(torch.randint(min_doc, max_doc + 1, (1,), generator=generator)), seq_len - at)
+            n_audio = int(n * audio_share) if n >= 8 else 0
+            n_text = n - n_audio
+            rows = slice(at, at + n)
+            tokens[b, at:at + n_text, 0] = 256 + torch.randint(0, vocab.text_vocab_size, (n_text,), generator=generator)
+            weights[b, at:at + n_text, 0] = 1.0
+            for k in range(K):
+                lo, hi = vocab.codebook_range(k)
+                tokens[b, at + n_text:at + n, k] = torch.randint(lo + 1, hi, (n_audio,), generator=generator)
+            weights[b, at + n_text:at + n] = 1.0 / K
+            pos[b, rows] = torch.arange(n)
+            docs[b, rows] = d
+            weights[b, at + n - 1] = 0.0  # the last row of an example predicts nothing
+            at, d = at + n, d + 1
+    labels = torch.zeros_like(tokens)
+    labels[:, :-1] = tokens[:, 1:]
+    weights[:, -1] = 0.0
+    # a weight on a pad label (text rows' streams 1..K-1 are pad; those weights are 0 already)
+    weights = torch.where(labels == 0, torch.zeros_like(weights), weights)
+    out = dict(tokens=tokens, labels=labels, loss_weights=weights, position_ids=pos, document_ids=docs)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def peak_memory_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def run_ualm(args, shape, device) -> dict:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    from megatron_ualm.config import EncoderConfig, ModelConfig
+    from megatron_ualm.model.loss import ualm_loss
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+
+    precision = "bf16" if args.bf16 else "fp32"
+    cfg = ModelConfig(**shape, max_position_embeddings=max(args.seq_length, 32768),
+                      attention_backend=args.attention_backend, recompute=args.recompute,
+                      encoder=EncoderConfig(kind="none"))
+    config = transformer_config_from(cfg, None, precision, use_cpu_initialization=device.type == "cpu")
+    model = UALMModel(cfg, config).to(device)
+    if args.optimizer == "megatron":
+        module = Float16Module(config, model) if args.bf16 else model
+        ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=module)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.1, bf16=args.bf16,
+                                                     use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+        net = ddp
+    else:
+        net = model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1,
+                                fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    batches = [synthetic_ualm_batch(model.vocab, args.micro_batch, args.seq_length, device, g,
+                                    args.min_doc, args.max_doc) for _ in range(2)]
+
+    def step(i):
+        b = batches[i % len(batches)]
+        if args.optimizer == "megatron":
+            ddp.zero_grad_buffer()
+        opt.zero_grad()
+        out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"], loss_weights=b["loss_weights"])
+        loss = ualm_loss(out.ce, b["loss_weights"])
+        loss.backward()
+        if args.optimizer == "megatron":
+            finalize_model_grads([ddp])
+        opt.step()
+        return loss
+
+    result = _time(step, args, device)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["vocab_rows"] = model.vocab.padded_size
+    del net, opt, model, batches
+    return result
+
+
+def run_hf(args, shape, device, vocab_rows: int) -> dict:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    hf_cfg = Qwen2Config(vocab_size=vocab_rows, hidden_size=shape["hidden_size"],
+                         intermediate_size=shape["ffn_hidden_size"], num_hidden_layers=shape["num_layers"],
+                         num_attention_heads=shape["num_attention_heads"],
+                         num_key_value_heads=shape["num_query_groups"], head_dim=shape["kv_channels"],
+                         max_position_embeddings=max(args.seq_length, 32768), rope_theta=1e6,
+                         tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+    model.train()
+    if args.recompute != "none":
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, vocab_rows, (args.micro_batch, args.seq_length), generator=g).to(device) for _ in range(2)]
+
+    def step(i):
+        x = ids[i % len(ids)]
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    result = _time(step, args, device)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    del model, opt
+    return result
+
+
+def _time(step, args, device) -> dict:
+    for i in range(args.warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / args.steps
+    tokens = args.micro_batch * args.seq_length
+    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shape, CPU-friendly (CI smoke run)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flex", "te", "unfused"])
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--optimizer", default="megatron", choices=["megatron", "torch"])
+    p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
+    p.add_argument("--only", choices=["ualm", "hf"], default=None)
+    p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")
+    p.add_argument("--max-doc", type=int, default=None, help="longest packed example (rows)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shape = TINY if args.tiny else FULL
+    args.seq_length = args.seq_length or (64 if args.tiny else 4096)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.min_doc = args.min_doc or (8 if args.tiny else 256)
+    args.max_doc = args.max_doc or (32 if args.tiny else 2048)
+    if device.type == "cpu" and not args.tiny:
+        print("warning: the full shape on CPU is very slow; use --tiny", file=sys.stderr)
+
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    init_runtime(device=device.type, seed=1234)
+
+    from megatron_ualm.model.ualm_model import padded_vocab
+    from megatron_ualm.config import ModelConfig
+    vocab = padded_vocab(ModelConfig(**shape), tensor_parallel=1)
+    flops = model_flops_per_token(shape, vocab.size, args.seq_length)
+    print(f"shape {shape}\nvocabulary {vocab.size} rows ({vocab.padded_size} padded), seq {args.seq_length}, "
+          f"micro-batch {args.micro_batch}, {'bf16' if args.bf16 else 'fp32'}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"model FLOPs/token = 6*(non-embedding + head params) + 6*L*hidden*S = {flops / 1e9:.2f} GFLOP")
+    results = {}
+    runs = [("ualm", lambda: run_ualm(args, shape, device)), ("hf", lambda: run_hf(args, shape, device, vocab.size))]
+    for name, fn in runs:
+        if args.only and name != args.only:
+            continue
+        r = fn()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        r["tflops"] = flops * r["tokens_per_s"] / 1e12
+        r["mfu"] = r["tflops"] / PEAK_TFLOPS
+        results[name] = r
+        mem = f"{r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else "n/a (CPU)"
+        label = {"ualm": f"UALMModel ({args.attention_backend} attention, {args.optimizer} optimizer)",
+                 "hf": "HF Qwen2ForCausalLM (sdpa, fused AdamW)"}[name]
+        print(f"{label:58s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['tflops']:7.1f} TFLOP/s  "
+              f"MFU {100 * r['mfu']:5.1f}%  peak {mem}  step {r['step_s'] * 1e3:.0f} ms  loss {r['loss']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "flops_per_token": flops, "results": results}, f, indent=2)
+    shutdown_runtime()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
