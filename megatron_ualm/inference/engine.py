@@ -1,0 +1,224 @@
+"""The generation engine: batched, KV-cached decoding of text and audio answers.
+
+``Engine(model).generate(prompts, settings)`` decodes a list of :class:`Prompt` (rows built
+by ``inference.prompts`` from the training templates) in batches of
+``settings.batch_size``. Per batch:
+
+1. Left-pad the prompts to the longest (``forward.left_pad_layout``: positions restart at 0
+   for every request, pads are masked). Under guidance the batch has 2B rows: requests
+   [0, B), then their unconditional twins [B, 2B). A twin's prompt is all ``<|pad|>`` of the
+   same length; it is fed ``<|pad|>`` until its request's first audio row and the request's
+   own rows from there on -- what training's CFG dropout (``templates.cfg_dropout``) shows
+   the model. Cond and uncond run as ONE forward pass.
+2. Prefill, then one row per step for every request. ``state.RowState`` says which ids each
+   stream may take; audio rows use ``g * cond - (g - 1) * uncond`` before masking.
+3. A request stops at ``<|eos|>`` or after its row budget; the batch stops when all have.
+
+Guidance runs only when ``guidance_scale != 1`` and some request may produce audio (its
+modality is not forced to text); otherwise the batch is B rows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megatron_ualm.formats import vocab as V
+from megatron_ualm.inference.forward import BACKENDS, SplitForward, left_pad_layout
+from megatron_ualm.inference.sampling import NEG_INF, GenerationSettings, select
+from megatron_ualm.inference.state import (
+    MASK_AUDIO0, MASK_AUDIO0_OR_END, MASK_END, MASK_MODALITY, MASK_TEXT, RowSpec, RowState, Segment,
+)
+
+
+@dataclass
+class Prompt:
+    """One request, ready for the model.
+
+    rows: int64 [n, K] unified ids, the last row ``<|assistant|>``.
+    spans: (row, num_rows) of each continuous-audio placeholder span, one per clip.
+    clips: float32 [samples] 16 kHz waveforms, one per span.
+    modality: "text" / "audio" / "speech" forces the first answer segment; None: the model picks.
+    seed: seed of this request's sampling generator.
+    """
+    rows: np.ndarray
+    spans: list = field(default_factory=list)
+    clips: list = field(default_factory=list)
+    modality: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    """The answer to one Prompt. rows: int64 [G, K] every generated row as fed back;
+    segments: per answer segment (``state.Segment``); finish_reason: "eos" or "length";
+    timing: seconds of the batch's prefill and decode, its size and number of steps."""
+    segments: list
+    rows: np.ndarray
+    finish_reason: str
+    timing: dict
+
+
+class Engine:
+    """Decoding over one ``UALMModel`` (a single pipeline stage, in eval mode).
+
+    backend: "cached" (KV cache) or "full" (recompute every step; the test reference).
+    split_guidance: run cond and uncond rows as two batches (tests only).
+    force_uncond: run the unconditional rows even when guidance_scale == 1 (tests only).
+    """
+
+    def __init__(self, model, backend: str = "cached", split_guidance: bool = False,
+                 force_uncond: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} not in {sorted(BACKENDS)}")
+        self.model = model.eval()
+        self.vocab = model.vocab
+        self.backend, self.split_guidance, self.force_uncond = backend, split_guidance, force_uncond
+        self.device = next(model.parameters()).device
+        self.max_positions = model.model_cfg.max_position_embeddings
+        self._build_masks()
+
+    def _build_masks(self):
+        vocab, K = self.vocab, self.vocab.num_codebooks
+        m = torch.zeros(5, vocab.padded_size, dtype=torch.bool)
+        m[MASK_MODALITY, [V.TEXT, V.AUDIO, V.SPEECH]] = True
+        m[MASK_TEXT, 1:vocab.audio_start] = True  # specials and text, never <|pad|>
+        lo0, hi0 = vocab.codebook_range(0)
+        m[MASK_AUDIO0, lo0 + 1:hi0] = True
+        m[MASK_AUDIO0_OR_END, lo0:hi0] = True
+        m[MASK_AUDIO0_OR_END, [V.EOS, V.EOT]] = True
+        m[MASK_END, [V.EOS, V.EOT]] = True
+        self.stream0_masks = m.to(self.device)
+        head = self.model.head
+        self.stream_lo = [head.stream_block(k)[0] for k in range(1, K)]
+        width = head.stream_block(1)[1] - self.stream_lo[0]
+        sm = torch.zeros(K - 1, width, dtype=torch.bool)
+        for k in range(1, K):
+            lo, hi = vocab.codebook_range(k)
+            sm[k - 1, lo + 1 - self.stream_lo[k - 1]:hi - self.stream_lo[k - 1]] = True  # codes, not the pad
+        self.stream_masks = sm.to(self.device)
+        self._lo = torch.tensor(self.stream_lo, device=self.device)
+
+    def max_new_rows(self, prompt_rows: int, settings: GenerationSettings) -> int:
+        """Rows a request with this prompt may generate (0: the prompt is too long)."""
+        return max(0, min(settings.max_new_rows, self.max_positions - prompt_rows))
+
+    # --- public -----------------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
+        out = []
+        for i in range(0, len(prompts), settings.batch_size):
+            out.extend(self._generate_batch(prompts[i:i + settings.batch_size], settings))
+        return out
+
+    # --- one batch --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
+        B, K, dev = len(prompts), self.vocab.num_codebooks, self.device
+        lengths = [int(p.rows.shape[0]) for p in prompts]
+        budgets = [self.max_new_rows(n, settings) for n in lengths]
+        if min(budgets) <= 0:
+            raise ValueError(f"a prompt of {max(lengths)} rows leaves no room under {self.max_positions} positions")
+        N = max(lengths)
+        L = N + max(budgets)
+        guided = (settings.guidance_scale != 1 or self.force_uncond) and any(p.modality != "text" for p in prompts)
+        R = 2 * B if guided else B
+
+        docs, positions, pads = left_pad_layout(lengths, L, R, dev)
+        tokens = torch.zeros(R, L, K, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, pads[b]:N] = torch.as_tensor(p.rows, dtype=torch.long, device=dev)
+        masked = N != min(lengths)
+        audio = self._audio_inputs(prompts, pads)
+
+        states = [RowState(self.vocab, p.modality, budgets[b], settings.min_audio_frames,
+                           settings.max_audio_frames) for b, p in enumerate(prompts)]
+        gens = [torch.Generator(device=dev).manual_seed(int(p.seed)) for p in prompts]
+        backend = BACKENDS[self.backend]
+        forward = (SplitForward(backend, self.model, R, L) if guided and self.split_guidance
+                   else backend(self.model, R, L))
+
+        t0 = time.perf_counter()
+        logits = forward(tokens, docs, positions, 0, N, audio, masked)
+        _sync(dev)
+        t1 = time.perf_counter()
+        cur, steps = N, 0
+        while True:
+            rows = self._choose([s.spec() for s in states], logits, B, guided, settings, gens)
+            fed = [states[b].accept(rows[b]) for b in range(B)]
+            if guided:
+                fed += [fed[b] if states[b].audio_started else [V.PAD] * K for b in range(B)]
+            tokens[:, cur] = torch.tensor(fed, dtype=torch.long, device=dev)
+            cur, steps = cur + 1, steps + 1
+            if all(s.done for s in states) or cur == L:
+                break
+            logits = forward(tokens, docs, positions, cur - 1, cur, None, masked)
+        _sync(dev)
+        t2 = time.perf_counter()
+        timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "batch_size": B, "steps": steps,
+                  "guided": guided}
+        return [Generation(s.segments, np.asarray(s.rows, dtype=np.int64).reshape(-1, K),
+                           s.finish_reason or "length", dict(timing)) for s in states]
+
+    def _audio_inputs(self, prompts: list[Prompt], pads: list[int]) -> Optional[dict]:
+        spans, clips = [], []
+        for b, p in enumerate(prompts):
+            if len(p.spans) != len(p.clips):
+                raise ValueError(f"prompt {b}: {len(p.spans)} audio spans but {len(p.clips)} clips")
+            for (row, n), clip in zip(p.spans, p.clips):
+                spans.append((b, pads[b] + row, n))
+                clips.append(np.asarray(clip, dtype=np.float32))
+        if not clips:
+            return None
+        wave = torch.zeros(len(clips), max(len(c) for c in clips))
+        for i, c in enumerate(clips):
+            wave[i, :len(c)] = torch.from_numpy(c)
+        return {"audio_waveforms": wave.to(self.device),
+                "audio_num_samples": torch.tensor([len(c) for c in clips], device=self.device),
+                "audio_rows": torch.tensor(spans, dtype=torch.long, device=self.device)}
+
+    # --- choosing one row per request -------------------------------------------------------
+    def _choose(self, specs: list[RowSpec], logits: tuple[Tensor, Tensor], B: int, guided: bool,
+                settings: GenerationSettings, gens) -> list[list[int]]:
+        """The next row [K] of every request: forced entries as the specs say, the rest
+        sampled from (guided, masked) logits with each request's generator."""
+        stream0, streams = logits[0][:B].float(), logits[1][:B].float()
+        if guided:
+            g = settings.guidance_scale
+            audio_rows = [b for b in range(B) if specs[b].audio]
+            if audio_rows:
+                idx = torch.tensor(audio_rows, device=self.device)
+                stream0, streams = stream0.clone(), streams.clone()
+                stream0[idx] = g * stream0[idx] - (g - 1) * logits[0][B + idx].float()
+                streams[idx] = g * streams[idx] - (g - 1) * logits[1][B + idx].float()
+
+        rows = [[s.forced0] + list(s.forced) for s in specs]
+        for audio in (False, True):
+            temp, top_k, top_p = ((settings.audio_temperature, settings.audio_top_k, settings.audio_top_p)
+                                  if audio else
+                                  (settings.text_temperature, settings.text_top_k, settings.text_top_p))
+            need0 = [b for b in range(B) if specs[b].audio == audio and specs[b].stream0 is not None]
+            if need0:
+                idx = torch.tensor(need0, device=self.device)
+                allowed = self.stream0_masks[torch.tensor([specs[b].stream0 for b in need0], device=self.device)]
+                picked = select(stream0[idx].masked_fill(~allowed, NEG_INF), temp, top_k, top_p,
+                                [gens[b] for b in need0]).tolist()
+                for b, tok in zip(need0, picked):
+                    rows[b][0] = tok
+            need = [b for b in range(B) if specs[b].audio == audio and any(f is None for f in specs[b].forced)]
+            if need:
+                idx = torch.tensor(need, device=self.device)
+                lg = streams[idx].masked_fill(~self.stream_masks[None], NEG_INF)
+                picked = (select(lg, temp, top_k, top_p, [gens[b] for b in need]) + self._lo).tolist()
+                for b, ids in zip(need, picked):
+                    rows[b] = [rows[b][0]] + [f if f is not None else int(x)
+                                              for f, x in zip(specs[b].forced, ids)]
+        return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
