@@ -43,7 +43,11 @@ def _batch(vocab, seq_len):
     return pack(None, seq_len, clips, vocab.num_codebooks, rows_of=rows)
 
 
-def _run(tp: int, pp: int, sp: bool, recompute: str = "none") -> dict:
+# C = 255 makes codebook blocks (and the all-audio block) straddle the TP=2 vocabulary split
+SHAPE = dict(codebook_size=255)
+
+
+def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = "codebook") -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_ualm.config import ParallelConfig
@@ -54,12 +58,15 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none") -> dict:
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
 
     rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, device="cpu", seed=7)
-    cfg = tiny_model_cfg(recompute=recompute)
+    cfg = tiny_model_cfg(recompute=recompute, audio_head=audio_head, **SHAPE)
     config = transformer_config_from(cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
                                                          sequence_parallel=sp), "fp32")
     model = build_ualm_model(cfg, config)
     vocab = model.vocab
     full = _full_state(cfg)
+    if tp == 2:
+        lo, hi = vocab.codebook_range(1)
+        assert lo < vocab.padded_size // 2 < hi, "the test should exercise a straddling block"
     for name in ("embedding.word_embeddings.weight", "head.output_layer.weight"):
         full[name] = full[name][:vocab.padded_size]
     missing, unexpected = model.load_state_dict(to_stage(full, model, rt.tp_rank, rt.tp_size), strict=False)
@@ -141,12 +148,21 @@ def baseline():
     return run_distributed(_run, 1, 1, 1, False)
 
 
+@pytest.fixture(scope="module")
+def baseline_all_audio():
+    return run_distributed(_run, 1, 1, 1, False, "none", "all_audio")
+
+
 def test_tensor_parallel_matches_single_process(baseline):
     _compare(run_distributed(_run, 2, 2, 1, False), baseline)
 
 
 def test_sequence_parallel_matches_single_process(baseline):
     _compare(run_distributed(_run, 2, 2, 1, True), baseline)
+
+
+def test_all_audio_head_under_tensor_and_sequence_parallel(baseline_all_audio):
+    _compare(run_distributed(_run, 2, 2, 1, True, "none", "all_audio"), baseline_all_audio)
 
 
 def test_pipeline_parallel_matches_single_process(baseline):

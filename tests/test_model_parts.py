@@ -152,3 +152,49 @@ def test_bf16_float16module_tracks_fp32(runtime):
     torch.testing.assert_close(loss.detach(), ref, atol=0.05, rtol=0.02)
     grads = [p.grad for p in bf16.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g.float()).all() for g in grads)
+
+
+# --- batch contract -------------------------------------------------------------------------------
+def test_validate_batch_accepts_packed_batches_and_names_errors():
+    from megatron_ualm.model.batch import BatchError, validate_batch
+    from megatron_ualm.model.ualm_model import padded_vocab
+    vocab = padded_vocab(tiny_model_cfg(), 1)
+    ex, clips = make_examples(vocab)
+    batch = pack(None, 64, clips, vocab.num_codebooks, rows_of=[[ex["qa"], ex["text"]], [ex["tta"]]])
+    validate_batch(batch, vocab, WINDOW_SECONDS)
+
+    def broken(edit, match):
+        bad = {k: v.clone() for k, v in batch.items()}
+        edit(bad)
+        with pytest.raises(BatchError, match=match):
+            validate_batch(bad, vocab, WINDOW_SECONDS)
+
+    row = int(batch["audio_rows"][0, 1])
+
+    def split_span(b):  # a new example starts inside the audio span
+        docs = b["document_ids"][0]
+        tail = (docs == docs[row]) & (torch.arange(len(docs)) >= row + 4)
+        docs[tail] = 9
+        b["position_ids"][0, tail] = torch.arange(int(tail.sum()))
+
+    broken(lambda b: b["audio_rows"][0, 2].add_(1), "placeholder rows")
+    broken(lambda b: b["tokens"][0, row, 0].fill_(300), "placeholder rows hold")
+    broken(lambda b: b["position_ids"][0, 3].fill_(7), "count up")
+    broken(lambda b: b["labels"][1, 9, 1].fill_(5), "stream-1")
+    broken(lambda b: b["loss_weights"][1, 63, 0].fill_(1.0), "<\\|pad\\|>")  # padding predicts pad
+    broken(split_span, "crosses examples")
+    broken(lambda b: b.pop("audio_rows"), "lacks")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_tiny_on_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "model_step.py"), "--tiny", "--steps", "1",
+                    "--warmup", "1", "--json", str(out)], check=True, cwd=root, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ualm", "hf"} and all(r["tokens_per_s"] > 0 for r in results.values())

@@ -73,7 +73,9 @@ def reference(model, hf, full, batch):
     B, S, K = tokens.shape
     ce = torch.zeros(B, S, K)
     logits0 = torch.full((B, S, vocab.padded_size), float("-inf"))
-    blocks = torch.zeros(B, S, K - 1, vocab.block_size)
+    all_audio = model.head.audio_head == "all_audio"
+    width = vocab.size - vocab.audio_start if all_audio else vocab.block_size
+    blocks = torch.zeros(B, S, K - 1, width)
     spans = batch["audio_rows"].tolist()
     for b in range(B):
         docs = batch["document_ids"][b]
@@ -91,7 +93,7 @@ def reference(model, hf, full, batch):
             logits0[b, idx] = l0
             ce[b, idx, 0] = -F.log_softmax(l0, -1).gather(1, labels[b, idx, 0:1])[:, 0]
             for k in range(1, K):
-                lo, hi = vocab.codebook_range(k)
+                lo, hi = (vocab.audio_start, vocab.size) if all_audio else vocab.codebook_range(k)
                 lk = (h + e[k - 1]) @ W[lo:hi].t()
                 blocks[b, idx, k - 1] = lk
                 tgt = (labels[b, idx, k] - lo).clamp(0, hi - lo - 1)
@@ -173,3 +175,14 @@ def test_pad_row_is_zero_and_gets_no_gradient(setup):
     assert model.audio_encoder.adapter.weight.grad.abs().sum() > 0
     assert model.head.stream_embeddings.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+def test_all_audio_head_matches_reference(setup):
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    model, hf, full, ex, clips = setup
+    cfg = tiny_model_cfg(audio_head="all_audio")
+    wide = UALMModel(cfg, transformer_config_from(cfg, None, "fp32"))
+    wide.load_state_dict(model.state_dict())
+    batch = pack(None, 64, clips, wide.vocab.num_codebooks, rows_of=[[ex["tta"], ex["qa"]]])
+    _check(wide, hf, full, batch)
