@@ -63,7 +63,8 @@ def main() -> int:
     p.add_argument("--clips", type=int, default=None, help="clips per measurement (default 64 GPU / 8 CPU)")
     p.add_argument("--seconds", type=float, default=None, help="clip length (default 10 GPU / 2 CPU)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,fp32-tf32,bf16",
+                   help="fp32 (exact, TF32 off), fp32-tf32, bf16")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
@@ -84,12 +85,14 @@ def main() -> int:
 
     fp32_codes = None
     for dtype in args.dtypes.split(","):
-        if dtype != "fp32" and not gpu:
+        variant, dtype = dtype, dtype.split("-")[0]
+        tf32 = variant.endswith("-tf32")
+        if variant != "fp32" and not gpu:
             continue  # bf16 convolutions on CPU are slow and not what anyone would run
         if args.tiny:
-            codec = C.Codec("tiny", device=args.device, dtype=dtype)
+            codec = C.Codec("tiny", device=args.device, dtype=dtype, allow_tf32=tf32)
         elif args.codec:
-            codec = C.Codec(args.codec, device=args.device, dtype=dtype)
+            codec = C.Codec(args.codec, device=args.device, dtype=dtype, allow_tf32=tf32)
         else:
             from transformers import XcodecConfig, XcodecModel
             torch.manual_seed(0)
@@ -99,6 +102,7 @@ def main() -> int:
                     q.codebook.embed.normal_()
             codec = C.Codec.__new__(C.Codec)
             codec.path, codec.device, codec.dtype = "random-default", device, C.DTYPES[dtype]
+            codec.allow_tf32 = tf32
             codec.model = model.to(device, C.DTYPES[dtype])
             cfg = model.config
             codec.info = C.CodecInfo(int(cfg.num_quantizers), int(cfg.codebook_size), int(cfg.hop_length),
@@ -109,12 +113,12 @@ def main() -> int:
         t_batch, codes = _timed(lambda: codec.encode(clips, args.batch_size), device, args.repeats)
         # does a clip get the same codes in a batch as alone? (kernels can differ by batch size)
         batched_same = float(np.mean([np.mean(a == b) for a, b in zip(alone, codes)]))
-        run = {"dtype": dtype, "params_M": round(params / 1e6, 2), "K": codec.num_codebooks,
+        run = {"dtype": variant, "params_M": round(params / 1e6, 2), "K": codec.num_codebooks,
                "frames_per_clip": int(codes[0].shape[1]),
                "alone_x_realtime": round(one * seconds / t_alone, 1),
                "batched_x_realtime": round(audio_s / t_batch, 1),
                "batched_codes_equal_alone": round(batched_same, 5)}
-        if dtype == "fp32":
+        if variant == "fp32":
             fp32_codes = codes
         elif fp32_codes is not None:
             same = np.mean([np.mean(a == b) for a, b in zip(codes, fp32_codes)])

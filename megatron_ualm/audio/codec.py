@@ -9,9 +9,15 @@ group norm over time and global attention), so zero-padding a clip changes its c
 :meth:`Codec.encode` therefore only batches clips of exactly the same length; clips of other
 lengths are encoded in their own batches. Datasets of fixed-length crops (ETTA's 10 s) batch
 fully. ``tests/test_codec.py`` checks that a clip's codes in a batch equal its codes alone.
+
+On GPU, cuDNN's TF32 convolutions make a clip's codes depend on the batch it is in (0.4% of
+codes differed on an H200, random X-Codec weights); in fp32 the wrapper therefore turns TF32
+off while encoding (exact, ~1,100x real time on an H200 vs ~1,750x with TF32) unless
+``allow_tf32=True``. bf16 changes about half the codes relative to fp32 and is opt-in.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
@@ -77,6 +83,18 @@ def save_tiny_codec(out_dir: str | os.PathLike, num_codebooks: int = 8, codebook
     return out_dir
 
 
+def codec_config(path: str | os.PathLike):
+    """The ``XcodecConfig`` of a local codec directory ("tiny": the tiny one), no weights loaded."""
+    path = os.fspath(path)
+    if path == "tiny":
+        return tiny_codec_config()
+    from transformers import XcodecConfig
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"codec directory {path} does not exist; pass a local HF "
+                                "directory holding an XcodecModel (nothing is downloaded)")
+    return XcodecConfig.from_pretrained(path, local_files_only=True)
+
+
 @dataclass(frozen=True)
 class CodecInfo:
     num_codebooks: int   # K
@@ -93,7 +111,8 @@ class Codec:
     reference) or "bf16"/"fp16" (faster on GPU; codes may differ from fp32 at near ties).
     """
 
-    def __init__(self, path: str | os.PathLike = "tiny", device: str = "cpu", dtype: str = "fp32"):
+    def __init__(self, path: str | os.PathLike = "tiny", device: str = "cpu", dtype: str = "fp32",
+                 allow_tf32: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"codec dtype {dtype!r} not in {sorted(DTYPES)}")
         self.path = os.fspath(path)
@@ -107,6 +126,7 @@ class Codec:
             model = XcodecModel.from_pretrained(self.path, local_files_only=True)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        self.allow_tf32 = allow_tf32
         self.model = model.to(self.device, self.dtype).eval()
         cfg = self.model.config
         if cfg.sample_rate != SAMPLE_RATE:
@@ -131,7 +151,23 @@ class Codec:
         """What the sidecar records about the codec (a dataset refuses another codec's codes)."""
         return {"path": os.path.abspath(self.path) if self.path != "tiny" else "tiny",
                 "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
-                "hop_length": self.info.hop_length, "dtype": str(self.dtype).replace("torch.", "")}
+                "hop_length": self.info.hop_length, "dtype": str(self.dtype).replace("torch.", ""),
+                "tf32": self.allow_tf32}
+
+    @contextlib.contextmanager
+    def _precision(self):
+        """fp32 on CUDA without TF32 unless allowed (batch-independent codes)."""
+        if self.device.type != "cuda" or self.allow_tf32 or self.dtype != torch.float32:
+            yield
+            return
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
+                                            allow_tf32=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
 
     @torch.inference_mode()
     def encode(self, clips: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
@@ -154,7 +190,8 @@ class Codec:
                 part = idx[start:start + batch_size]
                 x = torch.from_numpy(np.stack([np.asarray(clips[i], dtype=np.float32) for i in part]))
                 x = x[:, None, :].to(self.device, self.dtype)
-                codes = self.model.encode(x, return_dict=False)  # [B, K, T]
+                with self._precision():
+                    codes = self.model.encode(x, return_dict=False)  # [B, K, T]
                 codes = codes.to("cpu", torch.int32).numpy()
                 for j, i in enumerate(part):
                     out[i] = codes[j]

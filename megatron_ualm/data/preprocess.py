@@ -68,6 +68,7 @@ class PreprocessConfig:
     batch_size: int = 16               # codec batch (clips of equal length)
     device: str = "cpu"
     dtype: str = "fp32"
+    tf32: bool = False                 # allow TF32 in the codec (faster; codes depend on batching)
     rank: int = 0
     world_size: int = 1
     max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION
@@ -200,7 +201,7 @@ class _Worker:
         codec = None
         if cfg.task in CODEC_TASKS:
             from megatron_ualm.audio.codec import Codec
-            codec = Codec(cfg.codec, device=cfg.device, dtype=cfg.dtype)
+            codec = Codec(cfg.codec, device=cfg.device, dtype=cfg.dtype, allow_tf32=cfg.tf32)
         opts = TaskOptions(cfg.task, cfg.prompt, cfg.prompt_seconds, cfg.max_seconds, cfg.window_seconds)
         self.builder = ExampleBuilder(opts, self.tokenizer, vocab, codec, cfg.batch_size, cfg.workers)
 
@@ -290,18 +291,13 @@ def _resolve_vocab(cfg: PreprocessConfig, tokenizer):
         if cfg.codec is None:
             raise ValueError(f"task {cfg.task} tokenizes audio: pass --codec (a local XcodecModel "
                              "directory, or 'tiny' for a random test codec)")
-        from megatron_ualm.audio.codec import Codec
-        codec = Codec(cfg.codec, device="cpu") if cfg.codec == "tiny" else None
-        if codec is None:  # read K, C from the config without loading weights here
-            from transformers import XcodecConfig
-            xc = XcodecConfig.from_pretrained(cfg.codec, local_files_only=True)
-            k, c = int(xc.num_quantizers), int(xc.codebook_size)
-            ident = {"path": os.path.abspath(cfg.codec), "num_codebooks": k, "codebook_size": c,
-                     "hop_length": int(xc.hop_length), "dtype": {"fp32": "float32", "bf16": "bfloat16",
-                                                                  "fp16": "float16"}[cfg.dtype]}
-        else:
-            ident = codec.identity()
-            k, c = codec.num_codebooks, codec.codebook_size
+        from megatron_ualm.audio.codec import codec_config
+        xc = codec_config(cfg.codec)  # K, C and hop from the config; weights load in the worker
+        k, c = int(xc.num_quantizers), int(xc.codebook_size)
+        ident = {"path": cfg.codec if cfg.codec == "tiny" else os.path.abspath(cfg.codec),
+                 "num_codebooks": k, "codebook_size": c, "hop_length": int(xc.hop_length),
+                 "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype],
+                 "tf32": cfg.tf32}
         return UnifiedVocab(text_rows, k, c), ident
     return UnifiedVocab(text_rows, 8, 1024), None
 
@@ -486,6 +482,9 @@ def add_arguments(p, text_only: bool = False) -> None:
                        "(cuda under torchrun means cuda:LOCAL_RANK)")
         p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="codec dtype")
         p.add_argument("--batch-size", type=int, default=16, help="codec batch (equal-length clips)")
+        p.add_argument("--codec-tf32", action="store_true",
+                       help="allow TF32 in fp32 codec runs on GPU (~1.6x faster; a clip's codes then "
+                            "depend slightly on its batch)")
     p.add_argument("--out", required=True, help="output prefix: <out>.bin/.idx/.meta.json (+ .audio.*)")
     p.add_argument("--tokenizer", help="local HF tokenizer directory (default: paths.tokenizer of --config)")
     p.add_argument("--config", help="UALM YAML: supplies tokenizer, codec, text_vocab_size, K, C to check")
@@ -528,6 +527,7 @@ def config_from_args(args, text_only: bool = False) -> PreprocessConfig:
         prompt_seconds=getattr(args, "prompt_seconds", 0.0), max_seconds=getattr(args, "max_seconds", None),
         window_seconds=window or 30.0, chunk_size=args.chunk_size, workers=args.workers,
         batch_size=getattr(args, "batch_size", 16), device=device, dtype=getattr(args, "dtype", "fp32"),
+        tf32=getattr(args, "codec_tf32", False),
         rank=rank, world_size=world, max_reject_fraction=args.max_reject_fraction,
         keep_parts=args.keep_parts, overwrite=args.overwrite, merge_timeout=args.merge_timeout,
         progress=not args.no_progress)
