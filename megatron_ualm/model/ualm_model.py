@@ -107,6 +107,26 @@ class UALMModel(MegatronModule):
         """Embeddings and head are untied: nothing is shared between stages."""
         return None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron's, with the head (like the embedding already) allowed another vocabulary
+        padding, so a checkpoint saved at one TP size loads at another (as GPTModel does)."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        head_key = f"{prefix}head.output_layer.weight"
+        if head_key in sharded:
+            sharded[head_key].allow_shape_mismatch = True
+        return sharded
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's distributed-checkpoint view. The vocabulary is padded to 128 * TP rows,
+        so the head's row count changes with TP: like megatron's own embedding (and
+        LanguageModule's output layer) it is marked ``allow_shape_mismatch`` so checkpoints
+        load under another TP size (only padding rows differ)."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}head.output_layer.weight"
+        if key in sharded:
+            sharded[key].allow_shape_mismatch = True
+        return sharded
+
     # --- pieces -----------------------------------------------------------------------------------
     def embed(self, tokens: Tensor, audio_waveforms: Optional[Tensor] = None,
               audio_num_samples: Optional[Tensor] = None, audio_rows: Optional[Tensor] = None) -> Tensor:
