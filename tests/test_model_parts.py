@@ -122,7 +122,40 @@ def test_kv_cached_decoding_matches_full_recompute(runtime):
         steps0.append(l0)
         steps_blocks.append(lb)
     torch.testing.assert_close(torch.cat(steps0, 1), full0, atol=2e-5, rtol=1e-5)
+    last0, last_blocks = model.logits(tokens, pos, None, last_only=True, **audio)
+    torch.testing.assert_close(last0, full0[:, -1:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(last_blocks, full_blocks[:, -1:], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps_blocks, 1), full_blocks, atol=2e-5, rtol=1e-5)
+
+
+# --- optimizer: the frozen encoder has no state ------------------------------------------------
+def test_megatron_optimizer_holds_no_encoder_state(runtime):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron_ualm.model.loss import ualm_loss
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from model_batches import model_inputs
+    cfg = tiny_model_cfg()
+    config = transformer_config_from(cfg, None, "fp32")
+    model = UALMModel(cfg, config)
+    ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
+        use_distributed_optimizer=True), module=model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
+    ex, clips = make_examples(model.vocab)
+    batch = pack([ex["qa"]], ex["qa"].num_rows, clips, model.vocab.num_codebooks)
+    ualm_loss(ddp(**model_inputs(batch)).ce, batch["loss_weights"]).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert opt.step()[0]
+    # Adam state covers exactly the trainable elements (DP=1: one shard holds everything)
+    inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+    state_elems = sum(v["exp_avg"].numel() for o in inner for v in o.state.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert state_elems == trainable < sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for b in ddp.buffers for p in b.params)
+    for n, p in model.named_parameters():
+        moved = not torch.equal(before[n], p.detach())
+        assert moved == (not n.startswith("audio_encoder.encoder.")), n
 
 
 # --- bf16 under megatron's Float16Module ---------------------------------------------------------

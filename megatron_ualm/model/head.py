@@ -220,16 +220,18 @@ class MultiStreamHead(MegatronModule):
 
     # --- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    def logits(self, hidden: Tensor, last_only: bool = False) -> tuple[Tensor, Tensor]:
         """Logits for sampling, gathered over TP.
 
         hidden [s(/TP), B, H] -> (stream0 [B, S, padded_size] with padded rows -inf,
         streams [B, S, K-1, W] over each stream's block: W = C + 1 for "codebook",
         the number of audio rows for "all_audio"; column j is unified id ``lo_k + j``).
+        ``last_only``: only the last position (S = 1), e.g. after a prefill.
         """
-        S_B_H = hidden
-        h = self._full_hidden(S_B_H)
         B = hidden.shape[1]
+        h = self._full_hidden(hidden)  # [B * S, H]
+        if last_only:
+            h = h.view(B, -1, h.shape[-1])[:, -1]
         S = h.shape[0] // B
         stream0 = self._stream0_logits(h).float()
         if self.sharding.tp_size > 1:

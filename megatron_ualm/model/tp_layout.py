@@ -8,7 +8,9 @@ UALM name (suffix)                       dim    split
 ======================================== ====== ===========================================
 ``embedding.word_embeddings.weight``     0      vocabulary rows (VocabParallelEmbedding)
 ``head.output_layer.weight``             0      vocabulary rows (ColumnParallelLinear)
-``self_attention.linear_qkv.weight/bias`` 0     whole query groups (needs G % TP == 0)
+``self_attention.linear_qkv.weight/bias`` 0     contiguous rows of the group-interleaved
+                                                layout (whole groups when G >= TP; megatron
+                                                all-gathers QKV itself when G < TP)
 ``mlp.linear_fc1.weight``                0      gate and up each split, shard = [gate_r; up_r]
 ``self_attention.linear_proj.weight``    1      input columns (RowParallelLinear)
 ``mlp.linear_fc2.weight``                1      input columns (RowParallelLinear)

@@ -160,7 +160,7 @@ class UALMModel(MegatronModule):
                 labels: Optional[Tensor] = None, loss_weights: Optional[Tensor] = None, *,
                 audio_waveforms: Optional[Tensor] = None, audio_num_samples: Optional[Tensor] = None,
                 audio_rows: Optional[Tensor] = None, inference_context=None, return_logits: bool = False,
-                **_unused):
+                logits_last_only: bool = False, **_unused):
         """See the module docstring. Shapes as in ``batch.py``.
 
         Returns: non-last stage -> hidden [s(/TP), B, H]; last stage -> ``StreamLosses`` when
@@ -183,7 +183,7 @@ class UALMModel(MegatronModule):
         if not self.post_process:
             return hidden
         if return_logits:
-            return self.head.logits(hidden)
+            return self.head.logits(hidden, last_only=logits_last_only)
         if labels is None:
             return hidden
         if loss_weights is None:
@@ -192,11 +192,12 @@ class UALMModel(MegatronModule):
 
     @torch.no_grad()
     def logits(self, tokens: Tensor, position_ids: Tensor, document_ids: Optional[Tensor] = None,
-               inference_context=None, **audio) -> tuple[Tensor, Tensor]:
+               inference_context=None, last_only: bool = False, **audio) -> tuple[Tensor, Tensor]:
         """Inference logits (last stage): stream 0 [B, S, padded vocab] gathered over TP with
-        padding rows at -inf, and streams 1..K-1 over their blocks [B, S, K-1, W]."""
+        padding rows at -inf, and streams 1..K-1 over their blocks [B, S, K-1, W]
+        (S = 1 with ``last_only``). ``audio``: the audio_* keywords of ``forward``."""
         return self.forward(tokens, position_ids, document_ids, inference_context=inference_context,
-                            return_logits=True, **audio)
+                            return_logits=True, logits_last_only=last_only, **audio)
 
 
 def build_ualm_model(model_cfg, config: TransformerConfig, vp_stage: Optional[int] = None,
