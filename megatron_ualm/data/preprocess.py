@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -124,7 +125,7 @@ def describe_inputs(inputs: list[str], kind: str, task: str) -> list[Source]:
             src = Source(path, detect_kind(path) if kind == "auto" else kind, _sha256(path))
         if (task == "text_only") != (src.kind == "text"):
             need = "a text-only JSONL" if task == "text_only" else "ETTA/AF3 manifests or audio shards"
-            raise ValueError(f"{path}: a {src.kind} input cannot feed task {task}; it needs {need}")
+            raise ValueError(f"{path}: {src.kind} input cannot feed task {task}; it needs {need}")
         sources.append(src)
     return sources
 
@@ -542,9 +543,13 @@ def main(argv=None, text_only: bool = False) -> int:
     p = argparse.ArgumentParser(description=doc)
     add_arguments(p, text_only)
     args = p.parse_args(argv)
-    cfg = config_from_args(args, text_only)
-    model = cfg.__dict__.pop("model_check", None)
-    summary = run_preprocess(cfg)
+    try:
+        cfg = config_from_args(args, text_only)
+        model = cfg.__dict__.pop("model_check", None)
+        summary = run_preprocess(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if model is not None and summary.kept:
         meta = I.read_meta(cfg.out) if cfg.rank == 0 else None
         if meta is not None:
