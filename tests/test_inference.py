@@ -222,3 +222,17 @@ def test_filter_logits_top_k_and_top_p():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.4))
     assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_segment_codes_of_cut_segments_keep_complete_frames(model):
+    from megatron_ualm.inference.outputs import segment_codes
+    from megatron_ualm.inference.state import Segment
+    vocab, K = model.vocab, model.vocab.num_codebooks
+    codes = np.arange(5 * K).reshape(K, 5) % vocab.codebook_size
+    rows = apply_delay(vocab.codes_to_unified(codes), vocab.codebook_pads)  # 5 + K - 1 rows
+    whole = Segment("audio", rows=rows.tolist(), num_frames=5, end=V.EOS)
+    np.testing.assert_array_equal(segment_codes(whole, vocab), codes)
+    cut = Segment("audio", rows=rows[:6].tolist(), num_frames=5)  # budget hit in the end corner
+    np.testing.assert_array_equal(segment_codes(cut, vocab), codes[:, :6 - K + 1])
+    open_ = Segment("audio", rows=rows[:K + 1].tolist())  # budget hit before the end was chosen
+    np.testing.assert_array_equal(segment_codes(open_, vocab), codes[:, :2])

@@ -24,7 +24,9 @@ def segment_codes(segment: Segment, vocab: UnifiedVocab) -> np.ndarray:
     """Codec codes int64 [K, T'] of an audio segment (T' <= T: pad frames dropped)."""
     K = vocab.num_codebooks
     rows = np.asarray(segment.rows, dtype=np.int64).reshape(-1, K)
-    frames = segment.num_frames if segment.num_frames is not None else max(len(rows) - K + 1, 0)
+    frames = max(len(rows) - K + 1, 0)  # frames with every codebook present
+    if segment.num_frames is not None:
+        frames = min(frames, segment.num_frames)
     if frames == 0:
         return np.zeros((K, 0), dtype=np.int64)
     codes = vocab.unified_to_codes(undo_delay(rows, frames))
