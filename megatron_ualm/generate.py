@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     codec = load_codec_for(cfg, model_cfg, rt.device, run.get("codec"))
     overrides.setdefault("frame_rate", codec.info.frame_rate)
     settings = GenerationSettings.from_overrides(overrides)
-    engine = Engine(model, backend=run.get("backend", "cached"))
+    engine = Engine(model, backend=run.get("backend", "cached"), tokenizer_size=len(tokenizer))
     load_s = time.perf_counter() - t0
 
     records = list(enumerate(read_requests(args.requests)))

@@ -149,7 +149,8 @@ def test_generated_rows_stay_in_their_blocks_and_undo_delay(model):
     for g in gens:
         for seg in g.segments:
             if seg.modality == "text":
-                assert all(1 <= t < vocab.audio_start for t in seg.ids)
+                assert all(1 <= t < len(V.SPECIAL_TOKENS) or vocab.text_offset <= t < vocab.audio_start
+                           for t in seg.ids)
                 continue
             rows = np.asarray(seg.rows).reshape(-1, K)
             for k in range(K):
@@ -236,3 +237,12 @@ def test_segment_codes_of_cut_segments_keep_complete_frames(model):
     np.testing.assert_array_equal(segment_codes(cut, vocab), codes[:, :6 - K + 1])
     open_ = Segment("audio", rows=rows[:K + 1].tolist())  # budget hit before the end was chosen
     np.testing.assert_array_equal(segment_codes(open_, vocab), codes[:, :2])
+
+
+def test_text_rows_stay_inside_the_tokenizer(model):
+    vocab = model.vocab
+    prompts = [prompt_from(f"say something {i}", vocab, "text", seed=30 + i) for i in range(4)]
+    gens = generate(model, prompts, settings(text_temperature=2.0, max_new_rows=30), tokenizer_size=40)
+    ids = [t for g in gens for s in g.segments for t in s.ids]
+    assert len(ids) > 20
+    assert all(t in (V.EOS, V.EOT) or 1 <= t < len(V.SPECIAL_TOKENS) or 256 <= t < 256 + 40 for t in ids)

@@ -15,7 +15,8 @@ by ``inference.prompts`` from the training templates) in batches of
 3. A request stops at ``<|eos|>`` or after its row budget; the batch stops when all have.
 
 Guidance runs only when ``guidance_scale != 1`` and some request may produce audio (its
-modality is not forced to text); otherwise the batch is B rows.
+modality is not forced to text); otherwise the batch is B rows. A request forced to text
+is never guided, so no request's answer depends on what else shares its batch.
 """
 from __future__ import annotations
 
@@ -69,10 +70,12 @@ class Engine:
     backend: "cached" (KV cache) or "full" (recompute every step; the test reference).
     split_guidance: run cond and uncond rows as two batches (tests only).
     force_uncond: run the unconditional rows even when guidance_scale == 1 (tests only).
+    tokenizer_size: text ids the tokenizer has; the text rows above it (embedding padding,
+        never a training target) are masked. None: every text row is allowed.
     """
 
     def __init__(self, model, backend: str = "cached", split_guidance: bool = False,
-                 force_uncond: bool = False):
+                 force_uncond: bool = False, tokenizer_size: Optional[int] = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} not in {sorted(BACKENDS)}")
         self.model = model.eval()
@@ -80,13 +83,17 @@ class Engine:
         self.backend, self.split_guidance, self.force_uncond = backend, split_guidance, force_uncond
         self.device = next(model.parameters()).device
         self.max_positions = model.model_cfg.max_position_embeddings
+        self.tokenizer_size = tokenizer_size
         self._build_masks()
 
     def _build_masks(self):
         vocab, K = self.vocab, self.vocab.num_codebooks
         m = torch.zeros(5, vocab.padded_size, dtype=torch.bool)
         m[MASK_MODALITY, [V.TEXT, V.AUDIO, V.SPEECH]] = True
-        m[MASK_TEXT, 1:vocab.audio_start] = True  # specials and text, never <|pad|>
+        # named specials (never <|pad|> or the unused slots) and the tokenizer's text rows
+        m[MASK_TEXT, 1:len(V.SPECIAL_TOKENS)] = True
+        text_end = vocab.audio_start if self.tokenizer_size is None else vocab.text_offset + self.tokenizer_size
+        m[MASK_TEXT, vocab.text_offset:min(text_end, vocab.audio_start)] = True
         lo0, hi0 = vocab.codebook_range(0)
         m[MASK_AUDIO0, lo0 + 1:hi0] = True
         m[MASK_AUDIO0_OR_END, lo0:hi0] = True
@@ -124,7 +131,10 @@ class Engine:
             raise ValueError(f"a prompt of {max(lengths)} rows leaves no room under {self.max_positions} positions")
         N = max(lengths)
         L = N + max(budgets)
-        guided = (settings.guidance_scale != 1 or self.force_uncond) and any(p.modality != "text" for p in prompts)
+        # a request forced to answer in text is never guided (not even a later audio segment),
+        # so its answer does not depend on what else shares the batch
+        wants = [p.modality != "text" for p in prompts]
+        guided = (settings.guidance_scale != 1 or self.force_uncond) and any(wants)
         R = 2 * B if guided else B
 
         docs, positions, pads = left_pad_layout(lengths, L, R, dev)
@@ -147,7 +157,7 @@ class Engine:
         t1 = time.perf_counter()
         cur, steps = N, 0
         while True:
-            rows = self._choose([s.spec() for s in states], logits, B, guided, settings, gens)
+            rows = self._choose([s.spec() for s in states], logits, B, guided and wants, settings, gens)
             fed = [states[b].accept(rows[b]) for b in range(B)]
             if guided:
                 fed += [fed[b] if states[b].audio_started else [V.PAD] * K for b in range(B)]
@@ -181,14 +191,16 @@ class Engine:
                 "audio_rows": torch.tensor(spans, dtype=torch.long, device=self.device)}
 
     # --- choosing one row per request -------------------------------------------------------
-    def _choose(self, specs: list[RowSpec], logits: tuple[Tensor, Tensor], B: int, guided: bool,
+    def _choose(self, specs: list[RowSpec], logits: tuple[Tensor, Tensor], B: int, guided,
                 settings: GenerationSettings, gens) -> list[list[int]]:
         """The next row [K] of every request: forced entries as the specs say, the rest
-        sampled from (guided, masked) logits with each request's generator."""
+        sampled from (guided, masked) logits with each request's generator.
+        guided: False, or per request whether its audio rows are guided (rows B + b hold
+        request b's unconditional logits)."""
         stream0, streams = logits[0][:B].float(), logits[1][:B].float()
         if guided:
             g = settings.guidance_scale
-            audio_rows = [b for b in range(B) if specs[b].audio]
+            audio_rows = [b for b in range(B) if specs[b].audio and guided[b]]
             if audio_rows:
                 idx = torch.tensor(audio_rows, device=self.device)
                 stream0, streams = stream0.clone(), streams.clone()

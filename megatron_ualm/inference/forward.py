@@ -72,7 +72,7 @@ class CachedForward:
         angles = model.rotary(positions[:, :end])
         hidden = model.decoder(hidden_states=hidden, attention_mask=docs[:, :end] if masked else None,
                                rotary_pos_emb=angles, inference_context=ctx)
-        stream0, streams = model.head.logits(hidden[-1:])
+        stream0, streams = model.head.logits(hidden, last_only=True)
         ctx.sequence_len_offset = end
         return stream0[:, -1], streams[:, -1]
 
@@ -90,7 +90,8 @@ class FullForward:
         if start == 0:
             self.audio = audio
         stream0, streams = self.model.logits(tokens[:, :end], positions[:, :end],
-                                             docs[:, :end] if masked else None, **(self.audio or {}))
+                                             docs[:, :end] if masked else None, last_only=True,
+                                             **(self.audio or {}))
         return stream0[:, -1], streams[:, -1]
 
 

@@ -164,8 +164,6 @@ class RowState:
                 if tok != self.pads[0]:
                     self._end_token = tok
                     row[0] = self.pads[0]
-            elif seg.num_frames is None and self._r >= self.max_frames:
-                seg.num_frames = self._r
             self.audio_started = True
             seg.rows.append(row)
             self._r += 1
