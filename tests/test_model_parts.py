@@ -231,3 +231,27 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path):
                     "--warmup", "1", "--json", str(out)], check=True, cwd=root, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"ualm", "hf"} and all(r["tokens_per_s"] > 0 for r in results.values())
+
+
+# --- activation recomputation ---------------------------------------------------------------------
+@pytest.mark.parametrize("backend,recompute", [("sdpa", "selective"), ("unfused", "selective"), ("sdpa", "full")])
+def test_recomputation_gives_the_same_gradients(runtime, backend, recompute):
+    from megatron_ualm.model.loss import ualm_loss
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from model_batches import model_inputs
+    grads = []
+    for mode in ("none", recompute):
+        cfg = tiny_model_cfg(attention_backend=backend, recompute=mode)
+        config = transformer_config_from(cfg, None, "fp32")
+        assert config.recompute_granularity == (None if mode == "none" else mode)
+        model = UALMModel(cfg, config)
+        if grads:
+            model.load_state_dict(state)
+        state = model.state_dict()
+        ex, clips = make_examples(model.vocab)
+        batch = pack(None, 64, clips, model.vocab.num_codebooks, rows_of=[[ex["qa"], ex["tta"]]])
+        ualm_loss(model(**model_inputs(batch)).ce, batch["loss_weights"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
