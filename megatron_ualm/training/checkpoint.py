@@ -52,7 +52,13 @@ Megatron quirks (megatron-core 0.16):
   which re-imports ``__main__``: scripts that save need an ``if __name__ == "__main__":`` guard;
 * ``DistributedDataParallel.sharded_state_dict`` prefixes every key with ``module.``; model
   chunks are unwrapped (DDP, Float16Module) before their state is taken;
-* the distributed optimizer cannot produce a state dict before its first step.
+* the distributed optimizer cannot produce a state dict before its first step (saving
+  refuses with a message; loading gives a fresh one megatron's own zero-gradient dummy step);
+* without apex/TE, loading the distributed optimizer (fully_reshardable / model-space)
+  fails with ``KeyError: 'step'``, and once that is avoided all parameters share one Adam
+  ``step`` tensor that torch increments once per parameter — both are worked around in
+  ``_load_optimizer_state`` (instance-level, no global patching), and the exact-resume test
+  catches either.
 """
 from __future__ import annotations
 
@@ -70,7 +76,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
