@@ -20,6 +20,7 @@ is never guided, so no request's answer depends on what else shares its batch.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -116,9 +117,11 @@ class Engine:
 
     # --- public -----------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
+        """Answers in prompt order, decoded ``settings.batch_size`` prompts at a time."""
         out = []
-        for i in range(0, len(prompts), settings.batch_size):
-            out.extend(self._generate_batch(prompts[i:i + settings.batch_size], settings))
+        with _sdpa_attention(self.model):
+            for i in range(0, len(prompts), settings.batch_size):
+                out.extend(self._generate_batch(prompts[i:i + settings.batch_size], settings))
         return out
 
     # --- one batch --------------------------------------------------------------------------
@@ -229,6 +232,23 @@ class Engine:
                     rows[b] = [rows[b][0]] + [f if f is not None else int(x)
                                               for f, x in zip(specs[b].forced, ids)]
         return rows
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model):
+    """Run core attention as SDPA while generating: the left-padded prefill is a "packed"
+    call that would pick FlexAttention on GPU, compiled per shape (every new prompt length
+    and cache length would recompile). The model's setting is restored afterwards."""
+    from megatron_ualm.model.attention import UALMCoreAttention
+    mods = [m for m in model.modules() if isinstance(m, UALMCoreAttention) and m.backend in ("auto", "flex")]
+    saved = [m.backend for m in mods]
+    for m in mods:
+        m.backend = "sdpa"
+    try:
+        yield
+    finally:
+        for m, b in zip(mods, saved):
+            m.backend = b
 
 
 def _sync(device):

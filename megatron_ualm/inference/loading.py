@@ -1,10 +1,11 @@
 """Load what generation needs from a checkpoint: the model, its tokenizer and its codec.
 
 ``--checkpoint`` may be
-* a Megatron checkpoint directory, or an experiment directory holding several (the newest
-  is taken): read through ``training.checkpoint`` with the ``config.yaml`` saved beside it;
-* an exported HF directory (``config.json`` + safetensors): read through
-  ``convert.load_ualm_from_hf``.
+* a Megatron checkpoint directory (``iter_NNNNNNN``), a checkpoints directory or an
+  experiment directory (the newest valid checkpoint is taken, ``training.checkpoint.
+  resolve_checkpoint``), with the ``config.yaml`` saved in it;
+* an exported HF directory (``ualm_config.json`` beside the HF ``config.json`` and
+  safetensors): read through ``convert.load_ualm_from_hf``.
 
 Tokenizer and codec: an explicit path wins; then the run config's ``paths.tokenizer`` /
 ``paths.codec``; then the checkpoint directory itself when it holds a ``tokenizer.json``.
@@ -40,25 +41,22 @@ def load_model(checkpoint: str, device: torch.device, precision: str):
 
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
-    if os.path.isfile(os.path.join(checkpoint, "config.json")) and not os.path.isfile(
-            os.path.join(checkpoint, "config.yaml")):
+    if os.path.isfile(os.path.join(checkpoint, "ualm_config.json")):  # an exported HF directory
         from megatron_ualm.convert import load_ualm_from_hf
-        model, cfg = load_ualm_from_hf(checkpoint)
-        if precision == "bf16":
-            model = model.to(torch.bfloat16)
+        model, cfg = load_ualm_from_hf(checkpoint, precision=precision)
         return model.to(device).eval(), cfg
 
     from megatron_ualm.config import load_config
-    from megatron_ualm.training.checkpoint import find_latest_checkpoint, load_checkpoint
-    path = find_latest_checkpoint(checkpoint) or checkpoint
-    cfg_path = _find_config(path) or _find_config(checkpoint)
+    from megatron_ualm.training.checkpoint import load_checkpoint, resolve_checkpoint
+    path = resolve_checkpoint(checkpoint)
+    cfg_path = _find_config(str(path))
     if cfg_path is None:
         raise FileNotFoundError(f"no config.yaml in or above {path}")
     cfg = load_config(cfg_path)
     cfg.model.recompute = "none"
     model = UALMModel(cfg.model, transformer_config_from(cfg.model, None, precision,
                                                          use_cpu_initialization=device.type == "cpu"))
-    load_checkpoint(path, [model])
+    load_checkpoint(path, [model], load_optimizer=False, load_rng=False)
     return model.to(device).eval(), cfg
 
 
