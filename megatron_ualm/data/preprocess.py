@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from megatron_ualm.audio.io import SAMPLE_RATE, decode_bytes
 from megatron_ualm.data import indexed as I
-from megatron_ualm.data.examples import (
+from megatron_ualm.data.tasks import (
     CODEC_TASKS, WAVE_TASKS, ExampleBuilder, Item, TaskOptions, record_from_shard_meta,
 )
 from megatron_ualm.data.manifests import (
