@@ -1,6 +1,6 @@
 """``python -m megatron_ualm.generate`` end to end: a tiny model saved as a Megatron
 checkpoint (with its config, a locally trained tokenizer and a tiny codec) answers a
-manifest on two CPU ranks; rank 0 merges the answers."""
+manifest on two CPU ranks; rank 0 merges the answers. Its HF export answers the same."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,8 @@ SAVE = textwrap.dedent("""
         model = UALMModel(cfg.model, transformer_config_from(cfg.model, None, "fp32"))
         save_checkpoint(root + "/run/checkpoints", 0, [model], config=cfg)
         shutdown_runtime()
+        from megatron_ualm.convert import convert_megatron_to_hf
+        convert_megatron_to_hf(root + "/run", root + "/export", tokenizer=root + "/tok", codec=codec)
 
     if __name__ == "__main__":
         main(sys.argv[1])
@@ -75,3 +77,15 @@ def test_cli_answers_a_manifest_on_two_ranks(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == 3 and summary["errors"] == 1 and summary["world_size"] == 2
     assert sorted(os.listdir(out)) == ["answers.jsonl", "summary.json", "wavs"]
+
+    # the exported HF directory gives the same answers (one rank this time)
+    out_hf = tmp_path / "out_hf"
+    _run([sys.executable, "-m", "megatron_ualm.generate", "--checkpoint", str(tmp_path / "export"),
+          "--requests", str(requests), "--out", str(out_hf), "device=cpu", "max_new_rows=16",
+          "max_audio_seconds=0.1"], ROOT)
+    again = [json.loads(x) for x in (out_hf / "answers.jsonl").read_text().splitlines()]
+
+    def core(a):
+        return {k: a.get(k) for k in ("id", "status", "text", "finish_reason", "generated_rows", "settings")} | {
+            "segments": [{k: v for k, v in s.items() if k != "wav"} for s in a.get("segments", [])]}
+    assert [core(a) for a in again] == [core(a) for a in answers]
