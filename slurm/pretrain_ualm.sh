@@ -12,6 +12,9 @@
 # Preemption: Slurm sends SIGUSR1 (--signal) ahead of the time limit; the trainer saves a
 # checkpoint and exits with REQUEUE_EXIT_CODE, and this script then requeues the job. On
 # restart the trainer resumes from the newest complete checkpoint in the experiment dir.
+# --kill-on-bad-exit=0: every rank exits 42 after the preemption save; killing the others on
+# the first such exit could turn 42 into another code and lose the requeue. A crashed rank
+# still ends the job through the NCCL timeout.
 #
 #SBATCH --job-name=ualm
 #SBATCH --nodes=2
@@ -65,12 +68,12 @@ train_args=(-m megatron_ualm.train --config "$CONFIG" "${override_args[@]}")
 
 if [[ "$LAUNCHER" == "srun" ]]; then
   # One task per GPU: the trainer reads RANK/WORLD_SIZE/LOCAL_RANK from the SLURM_* variables.
-  launch=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1
+  launch=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=0
           --output="$LOG_DIR/%x-%j-rank%t.log" "${container_args[@]}"
           env MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" "$PYTHON" "${train_args[@]}")
 elif [[ "$LAUNCHER" == "torchrun" ]]; then
   # One task per node; torchrun forwards SIGUSR1 to its workers when told to handle it.
-  launch=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+  launch=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0
           --output="$LOG_DIR/%x-%j-node%n.log" "${container_args[@]}"
           env "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
           "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"

@@ -1,0 +1,294 @@
+"""The training loop: one readable page.
+
+    runtime -> model chunks (DDP) -> distributed optimizer + schedule -> resume
+    for each iteration:
+        fetch the iteration's micro-batches (DataLoader workers prefetch; the wait is logged)
+        forward/backward over the micro-batches (megatron's schedule: no pipelining, 1F1B
+            or interleaved, chosen by the parallel layout)
+        agree on NaN across ranks -> optimizer step (clipped) -> lr schedule
+        log, evaluate, checkpoint (periodic, on SIGTERM/SIGUSR1, at the end)
+
+Rows consumed by iteration i are a pure function of i (see ``data/loader.py``), so a
+restart from the checkpoint of iteration i continues exactly where the run was.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ualm.config import save_config
+from megatron_ualm.data.loader import collate
+from megatron_ualm.formats.templates import TASKS
+from megatron_ualm.model.loss import loss_metrics, loss_sums
+from megatron_ualm.runtime import init_runtime, shutdown_runtime
+from megatron_ualm.training import checkpoint as ckpt
+from megatron_ualm.training.metrics import MetricsLogger, format_console, model_flops_per_token, peak_tflops
+from megatron_ualm.training.providers import (build_datasets, build_model, build_optimizer, data_parallel_info,
+                                              is_logging_rank, unwrap)
+from megatron_ualm.training.signals import PreemptionHandler
+
+log = logging.getLogger("megatron_ualm.train")
+
+# The reduced numbers of one iteration, in this order (dense so every rank all-reduces the same).
+BASE_KEYS = ("loss_sum", "targets", "text_ce_sum", "text_count", "text_correct",
+             "audio_ce_sum", "audio_count", "audio_correct")
+REPORT_KEYS = BASE_KEYS + tuple(f"task_loss_sum/{t}" for t in TASKS) + tuple(f"task_count/{t}" for t in TASKS)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# --- one micro-batch ----------------------------------------------------------------------------
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def report_vector(ce, correct, weights, task_ids) -> torch.Tensor:
+    numerator, denominator = loss_sums(ce, weights)
+    m = loss_metrics(ce, correct, weights, task_ids)
+    values = [numerator.detach(), denominator] + [m[k] for k in BASE_KEYS[2:]]
+    for kind in ("loss_sum", "count"):
+        for t in range(len(TASKS)):
+            values.append(m.get(f"task{t}_{kind}", torch.zeros((), device=ce.device)))
+    return torch.stack([v.float().reshape(()) for v in values])
+
+
+def loss_func(batch, output):
+    numerator, denominator = loss_sums(output.ce, batch["loss_weights"])
+    vector = report_vector(output.ce, output.correct, batch["loss_weights"], batch.get("task_ids"))
+    return numerator, denominator.to(torch.int), {"report": vector}
+
+
+def forward_step(device, data_iterator, model):
+    batch = to_device(next(data_iterator), device)
+    output = model(batch["tokens"], batch["position_ids"], batch["document_ids"], batch["labels"],
+                   loss_weights=batch["loss_weights"], audio_waveforms=batch["audio_waveforms"],
+                   audio_num_samples=batch["audio_num_samples"], audio_rows=batch["audio_rows"])
+    return output, partial(loss_func, batch)
+
+
+def reduce_reports(reports: list) -> torch.Tensor | None:
+    """Sum the micro-batch report vectors, then over data-parallel ranks (last stage only)."""
+    if not reports:
+        return None
+    total = torch.stack([r["report"] for r in reports]).sum(0)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total
+
+
+def summarise(total: torch.Tensor) -> dict:
+    v = dict(zip(REPORT_KEYS, total.tolist()))
+    out = {"loss": v["loss_sum"] / max(v["targets"], 1.0), "targets": v["targets"]}
+    if v["text_count"]:
+        out["text_loss"] = v["text_ce_sum"] / v["text_count"]
+        out["text_acc"] = v["text_correct"] / v["text_count"]
+    if v["audio_count"]:
+        out["audio_loss"] = v["audio_ce_sum"] / v["audio_count"]
+        out["audio_acc"] = v["audio_correct"] / v["audio_count"]
+    for t in TASKS:
+        if v[f"task_count/{t}"]:
+            out[f"loss/{t}"] = v[f"task_loss_sum/{t}"] / v[f"task_count/{t}"]
+    return out
+
+
+# --- data -------------------------------------------------------------------------------------
+class IterationBatches:
+    """Micro-batches of each iteration for this data-parallel rank, from DataLoader workers.
+
+    Iteration i uses global rows [i * G, (i + 1) * G) (G = global batch); micro-batch m of DP
+    rank r takes rows i*G + m*(b*D) + r*b + [0, b) (b = micro-batch, D = DP size).
+    """
+
+    def __init__(self, dataset, cfg, start_iteration: int, num_workers: int, pin_memory: bool):
+        dp_rank, dp_size = data_parallel_info()
+        t = cfg.training
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
+        g, b = t.global_batch_size, t.micro_batch_size
+
+        def index_batches():
+            for i in range(start_iteration, t.train_iters):
+                for m in range(self.num_microbatches):
+                    first = i * g + m * b * dp_size + dp_rank * b
+                    yield list(range(first, first + b))
+
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=index_batches(), collate_fn=collate, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None)
+        self._it = iter(self.loader)
+
+    def next_iteration(self) -> tuple[list, float]:
+        start = time.perf_counter()
+        batches = [next(self._it) for _ in range(self.num_microbatches)]
+        return batches, time.perf_counter() - start
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def train_step(cfg, chunks, optimizer, scheduler, batches, device, seq_length):
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    iters = [iter(batches) for _ in chunks]
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, device), data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks, num_microbatches=len(batches), seq_length=seq_length,
+        micro_batch_size=cfg.training.micro_batch_size, forward_only=False)
+    total = reduce_reports(reports)
+    # Every rank must agree on skipping: only the last stage saw the loss.
+    bad = torch.zeros(1, device=device)
+    if total is not None and not math.isfinite(total[0].item()):
+        bad.fill_(1.0)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        optimizer.zero_grad()
+        return total, None, "nonfinite"
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return total, grad_norm, "ok" if ok else "overflow"
+
+
+def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
+    """Loss per validation task over up to ``training.eval_iters`` global batches each."""
+    for c in chunks:
+        c.eval()
+    results = {}
+    dp_rank, dp_size = data_parallel_info()
+    b = cfg.training.micro_batch_size
+    for task, ds in valid_sets.items():
+        rows = list(range(dp_rank * b, len(ds), b * dp_size))[: cfg.training.eval_iters]
+        batches = [collate([ds[j] for j in range(r, min(r + b, len(ds)))]) for r in rows]
+        # Every DP rank must run the same number of micro-batches.
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
+        batches = batches[: int(n.item())]
+        if not batches:
+            continue
+        with torch.no_grad():
+            reports = get_forward_backward_func()(
+                forward_step_func=partial(forward_step, device),
+                data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+                model=chunks, num_microbatches=len(batches), seq_length=cfg.data.seq_length,
+                micro_batch_size=b, forward_only=True)
+        total = reduce_reports(reports)
+        if total is not None:
+            results[task] = summarise(total)["loss"]
+    for c in chunks:
+        c.train()
+    return results
+
+
+def pretrain(cfg) -> ckpt.TrainState:
+    """Run (or resume) the training described by ``cfg`` (a ``UALMConfig``)."""
+    p = cfg.parallel
+    runtime = init_runtime(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel,
+                           p.context_parallel, seed=cfg.training.seed,
+                           device=None if p.device == "auto" else p.device)
+    try:
+        return _pretrain(cfg, runtime)
+    finally:
+        shutdown_runtime()
+
+
+def _pretrain(cfg, runtime) -> ckpt.TrainState:
+    t = cfg.training
+    exp = cfg.checkpoint.experiment_dir
+    logger_rank = is_logging_rank()
+    if runtime.is_rank_zero:
+        os.makedirs(exp, exist_ok=True)
+        save_config(cfg, os.path.join(exp, "config.yaml"))
+    metrics = MetricsLogger(os.path.join(exp, "logs"), enabled=logger_rank,
+                            tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project)
+
+    chunks, tconfig = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(cfg, chunks, tconfig)
+    state = ckpt.TrainState()
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    latest = ckpt.find_latest_checkpoint(ckpt_dir) if cfg.checkpoint.auto_resume else None
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, chunks, optimizer, scheduler)
+        if runtime.is_rank_zero:
+            print(f"[ualm] resumed from {latest} at iteration {state.iteration}", flush=True)
+    elif cfg.checkpoint.load:
+        ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, None, strict=False,
+                             load_optimizer=False, load_rng=False)
+        if runtime.is_rank_zero:
+            print(f"[ualm] initialised weights from {cfg.checkpoint.load}", flush=True)
+
+    train_set, valid_sets = build_datasets(cfg, t.train_iters * t.global_batch_size)
+    if runtime.is_rank_zero:
+        print(f"[ualm] {train_set.stats.summary()}", flush=True)
+    data = IterationBatches(train_set, cfg, state.iteration, cfg.data.num_workers,
+                            pin_memory=runtime.device.type == "cuda")
+
+    m = cfg.model
+    flops_per_token = model_flops_per_token(
+        m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+        m.kv_channels or m.hidden_size // m.num_attention_heads, unwrap(chunks[0]).vocab.size, cfg.data.seq_length)
+    peak = peak_tflops(torch.cuda.get_device_name() if runtime.device.type == "cuda" else None)
+    tokens_per_iteration = t.global_batch_size * cfg.data.seq_length
+    preemption = PreemptionHandler()
+
+    def save(reason: str):
+        ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
+                             state, cfg, keep_last=cfg.checkpoint.keep_last)
+        if runtime.is_rank_zero:
+            print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
+
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    while state.iteration < t.train_iters:
+        batches, wait = data.next_iteration()
+        total, grad_norm, status = train_step(cfg, chunks, optimizer, scheduler, batches, runtime.device,
+                                              cfg.data.seq_length)
+        if status == "nonfinite":
+            if cfg.training.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {state.iteration + 1}; training.nan_policy=stop. Resume "
+                    "from the last checkpoint with a lower optimizer.lr, or set training.nan_policy=skip")
+            state.skipped_iterations += 1
+        state.iteration += 1
+        state.consumed_rows += t.global_batch_size
+        window_wait += wait
+        window_steps += 1
+
+        if state.iteration % t.log_interval == 0 or state.iteration == t.train_iters:
+            elapsed = time.perf_counter() - window_start
+            if total is not None and logger_rank:
+                s = summarise(total)
+                tps = tokens_per_iteration * window_steps / elapsed
+                s.update(lr=scheduler.get_lr(optimizer.param_groups[0]),
+                         grad_norm=float(grad_norm) if grad_norm is not None else None,
+                         tokens_per_s=tps, tflops=tps * flops_per_token / runtime.world_size / 1e12,
+                         data_wait_s=window_wait / window_steps, skipped=state.skipped_iterations)
+                s["mfu"] = s["tflops"] / peak if runtime.device.type == "cuda" else None
+                if runtime.device.type == "cuda":
+                    s["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics.log(state.iteration, s)
+                print("[ualm] " + format_console(state.iteration, t.train_iters, s), flush=True)
+            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if valid_sets and t.eval_interval and state.iteration % t.eval_interval == 0:
+            results = evaluate(cfg, chunks, valid_sets, runtime.device)
+            if logger_rank and results:
+                metrics.log(state.iteration, {f"loss/{k}": v for k, v in results.items()}, kind="valid")
+                print("[ualm] valid " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+
+        if preemption.should_stop():
+            save("preemption signal")
+            metrics.close()
+            preemption.exit_for_requeue()
+        if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+            save("interval")
+    if cfg.checkpoint.save_interval == 0 or state.iteration % cfg.checkpoint.save_interval:
+        save("end of training")
+    metrics.close()
+    return state
