@@ -23,7 +23,8 @@ One step = forward + backward + AdamW update.
 Model FLOPs per token (the same formula for both, ENVIRONMENT.md's):
     6 * (non-embedding parameters + head parameters) + 6 * L * hidden * S   (causal attention)
 TFLOP/s = FLOPs/token * tokens/s; MFU against 989 TFLOP/s (H100/H200 dense bf16).
-Peak memory is torch.cuda.max_memory_allocated over the timed steps (GPU only).
+Peak memory is torch.cuda.max_memory_allocated over the timed steps (GPU only); the two
+models run one after the other in one process, use ``--only`` for separate processes.
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def run_hf(args, shape, device, vocab_rows: int) -> dict:
                          max_position_embeddings=max(args.seq_length, 32768), rope_theta=1e6,
                          tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device (1.8B parameters)
+        model = Qwen2ForCausalLM(hf_cfg).to(dtype=dtype)
     model.train()
     if args.recompute != "none":
         model.gradient_checkpointing_enable()
