@@ -169,6 +169,7 @@ def test_text_pool_and_ranks_byte_identical(tmp_path, demo):
             assert open(f"{tmp_path}/one{ext}", "rb").read() == open(f"{tmp_path}/{name}{ext}", "rb").read()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_byte_identical(tmp_path, demo):
     d, tok_dir = demo
     cmd = [sys.executable, os.path.join(ROOT, "data_tools", "preprocess_audio.py"), "--task",
@@ -193,6 +194,7 @@ def test_kill_and_resume_byte_identical(tmp_path, demo):
         _run([d.etta], "caption_to_audio", tmp_path / "u", tok_dir, chunk_size=4)
 
 
+@pytest.mark.slow
 def test_merge_and_inspect_tools(tmp_path, demo):
     d, tok_dir = demo
     _run([d.af3], "audio_to_conversation", tmp_path / "a", tok_dir)
