@@ -282,3 +282,13 @@ def test_cli_round_trip_and_refusal(hf_dir, tmp_path, capsys):
     rc = cli("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--no-progress",
                                 "data.seq_length=128"])
     assert rc == 2 and "refused" in capsys.readouterr().err
+
+
+def test_reload_and_save_with_trainer_code_at_tp1_pp1(hf_dir, tmp_path, runtime):
+    """TP=1 x PP=1 leg of the parallel round trip (the others: test_convert_parallel.py)."""
+    from megatron_ualm.training.checkpoint import save_checkpoint
+    _convert(hf_dir, tmp_path / "meg", encoder="qwen2_5_omni")
+    model, cfg = _load_megatron(tmp_path / "meg")
+    save_checkpoint(str(tmp_path / "again" / "checkpoints"), 3, [model], config=cfg, save_rng=False)
+    _export(tmp_path / "again", tmp_path / "out")
+    assert_hf_roundtrip_exact(hf_dir, str(tmp_path / "out"), tied=False)
