@@ -244,11 +244,13 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
         if runtime.is_rank_zero:
             print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
 
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    window_time, window_wait, window_steps = 0.0, 0.0, 0
     while state.iteration < t.train_iters:
+        step_start = time.perf_counter()
         batches, wait = data.next_iteration()
         total, grad_norm, status = train_step(cfg, chunks, optimizer, scheduler, batches, runtime.device,
                                               cfg.data.seq_length)
+        window_time += time.perf_counter() - step_start
         if status == "nonfinite":
             if cfg.training.nan_policy == "stop":
                 raise NonFiniteLossError(
@@ -261,20 +263,22 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
         window_steps += 1
 
         if state.iteration % t.log_interval == 0 or state.iteration == t.train_iters:
-            elapsed = time.perf_counter() - window_start
             if total is not None and logger_rank:
                 s = summarise(total)
-                tps = tokens_per_iteration * window_steps / elapsed
+                tps = tokens_per_iteration * window_steps / window_time
                 s.update(lr=scheduler.get_lr(optimizer.param_groups[0]),
                          grad_norm=float(grad_norm) if grad_norm is not None else None,
                          tokens_per_s=tps, tflops=tps * flops_per_token / runtime.world_size / 1e12,
                          data_wait_s=window_wait / window_steps, skipped=state.skipped_iterations)
-                s["mfu"] = s["tflops"] / peak if runtime.device.type == "cuda" else None
+                if runtime.device.type == "cuda":  # MFU means nothing on a CPU
+                    s["mfu"] = s["tflops"] / peak
+                else:
+                    s.pop("tflops")
                 if runtime.device.type == "cuda":
                     s["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics.log(state.iteration, s)
                 print("[ualm] " + format_console(state.iteration, t.train_iters, s), flush=True)
-            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            window_time, window_wait, window_steps = 0.0, 0.0, 0
 
         if valid_sets and t.eval_interval and state.iteration % t.eval_interval == 0:
             results = evaluate(cfg, chunks, valid_sets, runtime.device)
