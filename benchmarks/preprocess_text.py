@@ -10,6 +10,7 @@ as the anchor figures are) and the in-loop rate printed by the tool.
 """
 import argparse
 import json
+import resource
 import os
 import subprocess
 import sys
@@ -61,11 +62,15 @@ def main() -> int:
     for workers in args.workers or [2]:
         out = os.path.join(args.workdir, f"out_w{workers}")
         t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", "preprocess_text.py"),
                                "--input", corpus, "--tokenizer", tok_dir, "--out", out,
                                "--workers", str(workers), "--overwrite", "--no-progress"],
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        load = os.getloadavg()[0]
         if proc.returncode != 0:
             print(proc.stderr[-3000:])
             return 1
@@ -74,7 +79,8 @@ def main() -> int:
         docs, toks = counts["documents"], counts["text_tokens"]
         print(f"workers={workers}: {wall:.2f} s wall (whole process) -> {docs / wall:,.0f} docs/s, "
               f"{toks / wall / 1e6:.3f}M tokens/s ({toks:,} stream-0 tokens incl. "
-              f"{docs * 9:,} special)")
+              f"{docs * 9:,} special); CPU {cpu:.2f} s = {docs / cpu:,.0f} docs per CPU-second; "
+              f"load average {load:.1f} on {os.cpu_count()} cores (other users slow the wall figure)")
     print("anchor (ENVIRONMENT.md, 100k docs): Megatron-LM preprocess_data.py --workers 2: "
           "1,917 docs/s, 630k tokens/s")
     return 0
