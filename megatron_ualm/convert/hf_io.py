@@ -156,7 +156,8 @@ class SafetensorsStreamWriter:
             raise ConversionError(f"internal: {self.path}: expected {spec}, got {name} "
                                   f"{tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().contiguous().cpu()
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():  # raw little-endian bytes, written from the tensor's memory without a copy
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy())
         self._next += 1
 
     def close(self) -> None:

@@ -167,7 +167,7 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
         emb = view.reader.read([(EMBEDDING, None)], dtype)[0]
         kept[SPECIAL_EMBEDDING] = emb[:NUM_SPECIAL_SLOTS].clone()
         kept[AUDIO_EMBEDDING] = emb[vocab.audio_start:vocab.size].clone()
-        yield "model.embed_tokens.weight", emb[text].clone()
+        yield "model.embed_tokens.weight", emb[text]
         del emb
         for i in range(nl):
             hf = ualm_to_hf_layer(view.layer(i, dtype), i, s)
@@ -177,7 +177,7 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
         head = view.reader.read([(HEAD, None)], dtype)[0]
         kept[SPECIAL_HEAD] = head[:NUM_SPECIAL_SLOTS].clone()
         kept[AUDIO_HEAD] = head[vocab.audio_start:vocab.size].clone()
-        yield "lm_head.weight", head[text].clone()
+        yield "lm_head.weight", head[text]
 
     extra_keys = [STREAMS] + (list(ADAPTER) + view.encoder_keys if m.encoder.kind != "none" else [])
     extra_specs = [TensorSpec(SPECIAL_EMBEDDING, (NUM_SPECIAL_SLOTS, H), view.dtype(EMBEDDING, dtype)),
