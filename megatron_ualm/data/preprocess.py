@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -154,8 +154,6 @@ _READERS: dict = {}
 
 def _materialize(items: list[Item], threads: int) -> None:
     """Shard entries: one read each for (audio bytes, metadata) -> record + lazy decoder."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from megatron_ualm.data.shard_reader import ShardReader
 
     todo = [it for it in items if isinstance(it.record, tuple) and it.record[0] == "shard"]
@@ -207,12 +205,19 @@ class _Worker:
         self.builder = ExampleBuilder(opts, self.tokenizer, vocab, codec, cfg.batch_size, cfg.workers)
 
     def run(self, c: int, items: list[Item]) -> dict:
-        prefix = chunk_prefix(self.cfg.out, c)
+        return self.finish(self.prepare(c, items))
+
+    def prepare(self, c: int, items: list[Item]):
         _materialize(items, self.cfg.workers)
+        return c, self.builder.prepare(items)
+
+    def finish(self, prepared) -> dict:
+        c, prep = prepared
+        prefix = chunk_prefix(self.cfg.out, c)
         writer = I.DocumentWriter(prefix, with_audio=self.cfg.task in WAVE_TASKS)
         try:
-            res = self.builder.process(items, writer)
-            meta = dict(self.base_meta, chunk=c, entries=len(items), kept=res.kept,
+            res = self.builder.finish(prep, writer)
+            meta = dict(self.base_meta, chunk=c, entries=len(prep.items), kept=res.kept,
                         counts=_counts(res.counts, res.kept), reject_list=res.rejects)
             writer.finalize(meta)
         except BaseException:
@@ -378,9 +383,17 @@ def run_preprocess(cfg: PreprocessConfig) -> RunSummary:
             for f in pending:
                 finished(f.result())
     else:
+        # decode chunk c+1 on a thread while the codec (GPU) works on chunk c
         worker = _Worker(cfg, vocab, base)
-        for c, items in todo():
-            finished(worker.run(c, items))
+        with ThreadPoolExecutor(1) as ahead:
+            current = None
+            for c, items in todo():
+                upcoming = ahead.submit(worker.prepare, c, items)
+                if current is not None:
+                    finished(worker.finish(current.result()))
+                current = upcoming
+            if current is not None:
+                finished(worker.finish(current.result()))
     bar.close()
 
     if cfg.rank != 0:

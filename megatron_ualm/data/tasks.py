@@ -175,7 +175,12 @@ class ExampleBuilder:
         self._dummy_ref = T.AudioRef(0, 1, 1)
 
     def process(self, items: Sequence[Item], writer: I.DocumentWriter) -> ChunkResult:
-        opts, res = self.opts, ChunkResult()
+        return self.finish(self.prepare(items), writer)
+
+    def prepare(self, items: Sequence[Item]) -> "_Prepared":
+        """CPU phases (text checks, audio decoding): may run on a thread for the next chunk
+        while :meth:`finish` runs the codec on this one."""
+        opts = self.opts
         outcome: list = [None] * len(items)  # reject dict, or the texts the item needs
 
         def fail(i, reason, message):
@@ -214,6 +219,13 @@ class ExampleBuilder:
                         fail(i, *why)
                     else:
                         audio[i] = samples
+
+        return _Prepared(list(items), outcome, audio)
+
+    def finish(self, prep: "_Prepared", writer: I.DocumentWriter) -> ChunkResult:
+        """Codec, tokenizer and writing phases."""
+        opts, res = self.opts, ChunkResult()
+        items, outcome, audio = prep.items, prep.outcome, prep.audio
 
         # 3. codec on equal-length batches
         codes: dict[int, np.ndarray] = {}
@@ -266,6 +278,13 @@ class ExampleBuilder:
                 return TOO_SHORT, (f"{n} samples is shorter than {need} (one codec frame"
                                    f"{' after the prompt' if opts.prompt_seconds else ''})")
         return None
+
+
+@dataclass
+class _Prepared:
+    items: list
+    outcome: list          # per item: reject dict, or the texts it needs
+    audio: dict            # item index -> float32 samples
 
 
 def turns_from_json(turns) -> tuple[Turn, ...]:
