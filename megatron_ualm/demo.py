@@ -1,0 +1,201 @@
+"""The whole UALM job, end to end, on a laptop CPU in minutes: ``bash examples/run_demo.sh``.
+
+Every step runs the real command-line tool a user would run, and prints it first:
+
+ 1. make demo data          synthesized tones/chords/noises/chirps with captions and Q&A, text Q&A
+ 2. build audio shards      data_tools/build_shards.py
+ 3. tiny pretrained parts   a byte-level BPE tokenizer trained on the demo text, a tiny random
+                            X-Codec (the real classes, small configs; nothing is downloaded)
+ 4. tokenize                data_tools/preprocess_text.py, data_tools/preprocess_audio.py
+ 5. train (2 processes)     torchrun ... -m megatron_ualm.train at TP=2 over gloo; half way the
+                            run gets SIGTERM (as from Slurm), saves a checkpoint and exits 42;
+                            the relaunch resumes from it and finishes
+ 6. export to HuggingFace   checkpoints_convert/megatron_to_hf.py
+ 7. generate                python -m megatron_ualm.generate: a text answer and a text-to-audio clip
+
+It ends with a summary: loss at the start and the end, the answers, the WAV's duration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_QUESTION = "Does an upward chirp rise or fall in pitch?"
+DEMO_ANSWER = "rise"
+DEMO_CAPTION = "an upward chirp"
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, check=True, cwd=kw.pop("cwd", None), **kw)
+
+
+def tool(name: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, name)]
+
+
+def train_texts(raw: str) -> list[str]:
+    texts = []
+    with open(os.path.join(raw, "text.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            texts += [t["content"] for t in d["input"]] + [d["output"]]
+    with open(os.path.join(raw, "etta.jsonl"), encoding="utf-8") as f:
+        texts += [json.loads(line)["caption"] for line in f]
+    with open(os.path.join(raw, "af3.json"), encoding="utf-8") as f:
+        texts += [c["value"] for d in json.load(f) for c in d["conversations"]]
+    from megatron_ualm.formats.templates import DEFAULT_PROMPTS
+    return texts + list(DEFAULT_PROMPTS.values())
+
+
+def read_losses(exp: str) -> dict[int, float]:
+    out = {}
+    path = os.path.join(exp, "logs", "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if r.get("kind") == "train" and r.get("loss") is not None:
+                    out[r["step"]] = r["loss"]
+    return out
+
+
+def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: int, tp: int) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_ualm.train", "--config", config, f"training.train_iters={iters}",
+           f"parallel.tensor_parallel={tp}"]
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env)
+    if interrupt_at is not None:
+        while proc.poll() is None and max(read_losses(exp), default=0) < interrupt_at:
+            time.sleep(0.2)
+        if proc.poll() is None:
+            import psutil
+            workers = psutil.Process(proc.pid).children()
+            print(f"\n[demo] step {interrupt_at} reached: sending SIGTERM to the {len(workers)} trainer "
+                  "processes, as Slurm does before a preemption or the time limit", flush=True)
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+    return proc.wait()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="demo_run", help="everything is written here (default: demo_run)")
+    p.add_argument("--iters", type=int, default=300, help="training iterations")
+    p.add_argument("--clips", type=int, default=48, help="demo audio clips")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (TP = nproc)")
+    a = p.parse_args(argv)
+    work = os.path.abspath(a.workdir)
+    raw, shards, models, tok = (os.path.join(work, d) for d in ("raw", "shards", "models", "tokenized"))
+    exp, hf = os.path.join(work, "run"), os.path.join(work, "hf")
+    os.makedirs(work, exist_ok=True)
+    started = time.time()
+
+    print("== 1. demo data", flush=True)
+    run(tool("data_tools/make_demo_data.py") + ["--out", raw, "--clips", str(a.clips), "--text", "200",
+                                                 "--no-speech"])
+    print("== 2. audio shards", flush=True)
+    for name, manifest in (("etta", "etta.jsonl"), ("af3", "af3.json")):
+        run(tool("data_tools/build_shards.py") + ["--manifest", os.path.join(raw, manifest), "--out",
+                                                   os.path.join(shards, name), "--workers", "2", "--no-progress"])
+    print("== 3. tiny tokenizer and codec (local, random, nothing downloaded)", flush=True)
+    from megatron_ualm.audio.codec import save_tiny_codec
+    from megatron_ualm.data.tokenizer import train_tiny_tokenizer
+    if not os.path.exists(os.path.join(models, "tokenizer", "tokenizer.json")):
+        train_tiny_tokenizer(train_texts(raw), os.path.join(models, "tokenizer"), vocab_size=512)
+    if not os.path.exists(os.path.join(models, "codec", "config.json")):
+        save_tiny_codec(os.path.join(models, "codec"))
+    print(f"tokenizer: {models}/tokenizer, codec: {models}/codec", flush=True)
+
+    print("== 4. tokenized datasets", flush=True)
+    common = ["--tokenizer", os.path.join(models, "tokenizer"), "--text-vocab-size", "512", "--no-progress"]
+    run(tool("data_tools/preprocess_text.py") + ["--input", os.path.join(raw, "text.jsonl"),
+                                                  "--out", os.path.join(tok, "text_only")] + common)
+    for task, kind in (("caption_to_audio", "etta"), ("audio_to_caption", "etta"),
+                       ("audio_to_conversation", "af3")):
+        run(tool("data_tools/preprocess_audio.py") + ["--input", os.path.join(shards, kind), "--task", task,
+                                                       "--codec", os.path.join(models, "codec"),
+                                                       "--out", os.path.join(tok, task)] + common)
+
+    config = os.path.join(work, "config.yaml")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(f"""# written by megatron_ualm.demo
+base: {os.path.join(ROOT, 'examples', 'tiny.yaml')}
+data:
+  train:
+    - {{path: {tok}/text_only, task: text_only, weight: 2}}
+    - {{path: {tok}/caption_to_audio, task: caption_to_audio, weight: 1}}
+    - {{path: {tok}/audio_to_caption, task: audio_to_caption, weight: 1}}
+    - {{path: {tok}/audio_to_conversation, task: audio_to_conversation, weight: 1}}
+  valid:
+    - {{path: {tok}/text_only, task: text_only}}
+    - {{path: {tok}/audio_to_caption, task: audio_to_caption}}
+paths:
+  tokenizer: {models}/tokenizer
+  codec: {models}/codec
+checkpoint:
+  experiment_dir: {exp}
+  save_interval: {max(a.iters // 3, 1)}
+""")
+    print(f"== 5. train at TP={a.nproc} on {a.nproc} CPU processes (config: {config})", flush=True)
+    code = train(config, exp, a.iters, a.iters // 2, a.nproc, a.nproc)
+    if code == 0:
+        print("[demo] training finished before the interruption", flush=True)
+    elif code != 0:
+        print(f"[demo] trainer exited with code {code} after saving; relaunching (it resumes)", flush=True)
+        code = train(config, exp, a.iters, None, a.nproc, a.nproc)
+        if code != 0:
+            print(f"[demo] training failed with exit code {code}", file=sys.stderr)
+            return code
+
+    print("== 6. export to HuggingFace", flush=True)
+    run(tool("checkpoints_convert/megatron_to_hf.py") + ["--checkpoint", exp, "--out", hf, "--overwrite",
+                                                          "--tokenizer", os.path.join(models, "tokenizer"),
+                                                          "--codec", os.path.join(models, "codec")])
+
+    print("== 7. generate from the exported model", flush=True)
+    requests = os.path.join(work, "requests.jsonl")
+    with open(requests, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "question", "prompt": DEMO_QUESTION}) + "\n")
+        f.write(json.dumps({"id": "tta", "caption": DEMO_CAPTION}) + "\n")
+    answers_dir = os.path.join(work, "answers")
+    run([sys.executable, "-m", "megatron_ualm.generate", "--checkpoint", hf, "--requests", requests,
+         "--out", answers_dir, f"tokenizer={models}/tokenizer", f"codec={models}/codec", "max_audio_seconds=3"])
+
+    with open(os.path.join(answers_dir, "answers.jsonl"), encoding="utf-8") as f:
+        answers = {r["id"]: r for r in map(json.loads, f)}
+    losses = read_losses(exp)
+    first, last = losses[min(losses)], losses[max(losses)]
+    q, t = answers["question"], answers["tta"]
+    audio = [s for s in t.get("segments", []) if s.get("wav")]
+    print("\n" + "=" * 72)
+    print(f"UALM demo finished in {time.time() - started:.0f} s  (work dir: {work})")
+    print(f"  loss            {first:.3f} at step {min(losses)} -> {last:.3f} at step {max(losses)}")
+    print(f"  checkpoints     {exp}/checkpoints (resumed after SIGTERM at step {a.iters // 2})")
+    print(f"  HF export       {hf}")
+    print(f"  Q: {DEMO_QUESTION}")
+    print(f"  A: {q.get('text', q.get('error'))!r}  (expected {DEMO_ANSWER!r})")
+    if audio:
+        print(f"  TTA '{DEMO_CAPTION}': {audio[0]['wav']} ({audio[0]['duration_s']:.2f} s, "
+              f"{audio[0]['frames']} codec frames)")
+    else:
+        print(f"  TTA '{DEMO_CAPTION}': no audio ({t.get('error') or t.get('finish_reason')})")
+    print("=" * 72)
+    ok = last < first and q.get("status") == "ok" and t.get("status") == "ok"
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
