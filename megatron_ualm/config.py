@@ -142,6 +142,7 @@ class CheckpointConfig:
     experiment_dir: str = "runs/ualm"  # checkpoints, saved config and logs go here
     save_interval: int = 1000        # iterations between checkpoints
     keep_last: int = 3               # checkpoints kept; older ones are deleted
+    save_at_end: bool = True         # also save after the last iteration (off for benchmarks)
     load: str | None = None          # initial checkpoint directory (e.g. converted from HF)
     auto_resume: bool = True         # continue from the newest checkpoint in experiment_dir
 

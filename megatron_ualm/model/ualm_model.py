@@ -44,7 +44,7 @@ from megatron_ualm.model.batch import is_packed
 from megatron_ualm.model.embedding import MultiStreamEmbedding
 from megatron_ualm.model.head import MultiStreamHead, StreamLosses
 from megatron_ualm.model.layer_spec import qwen2_block_spec
-from megatron_ualm.model.rope import RotaryAngles
+from megatron_ualm.model.rope import RotaryAngles, install_fused_rope
 
 TP_VOCAB_MULTIPLE = 128
 
@@ -75,6 +75,7 @@ class UALMModel(MegatronModule):
         self.vocab = padded_vocab(model_cfg, config.tensor_model_parallel_size)
         self.mask_cache = MaskCache()
         self.rotary = RotaryAngles(config.kv_channels, model_cfg.rotary_base)
+        install_fused_rope()  # CUDA only, same math (rope.py)
 
         self.audio_encoder = None
         if pre_process:
@@ -106,15 +107,6 @@ class UALMModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         """Embeddings and head are untied: nothing is shared between stages."""
         return None
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Megatron's, with the head (like the embedding already) allowed another vocabulary
-        padding, so a checkpoint saved at one TP size loads at another (as GPTModel does)."""
-        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        head_key = f"{prefix}head.output_layer.weight"
-        if head_key in sharded:
-            sharded[head_key].allow_shape_mismatch = True
-        return sharded
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """megatron's distributed-checkpoint view. The vocabulary is padded to 128 * TP rows,

@@ -292,7 +292,7 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
             preemption.exit_for_requeue()
         if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
             save("interval")
-    if cfg.checkpoint.save_interval == 0 or state.iteration % cfg.checkpoint.save_interval:
+    if cfg.checkpoint.save_at_end and state.iteration % cfg.checkpoint.save_interval:
         save("end of training")
     metrics.close()
     return state

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.loader import PackedRows, RowSettings
 from megatron_ualm.formats.templates import TASKS
+from megatron_ualm.training import fast_optimizer
 from megatron_ualm.model.transformer_config import transformer_config_from
 from megatron_ualm.model.ualm_model import build_ualm_model, padded_vocab
 
@@ -85,6 +86,8 @@ def build_optimizer(cfg, chunks, tconfig):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
+    # without apex/TE: fused torch AdamW on CUDA, foreach grad norm / clipping (fast_optimizer.py)
+    fast_optimizer.speed_up(optimizer)
     # The schedules call these through the config.
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
@@ -97,7 +100,7 @@ def build_optimizer(cfg, chunks, tconfig):
     # Linear warmup from 0, then cosine decay to min_lr at train_iters (steps are iterations).
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=min(o.warmup_iters, cfg.training.train_iters),
+        lr_warmup_steps=min(o.warmup_iters, max(cfg.training.train_iters - 1, 0)),
         lr_decay_steps=cfg.training.train_iters, lr_decay_style="cosine",
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.training.train_iters,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
