@@ -16,7 +16,8 @@ One step = forward + backward + AdamW update.
   examples of 256..2048 rows, ~75% text rows (stream-0 loss) and ~25% discrete audio rows
   (all K streams, weight 1/K), positions restart per example (packed attention).
   ``--optimizer torch`` instead keeps bf16 weights and uses torch's fused AdamW, like the
-  HF baseline.
+  HF baseline. ``--reference`` turns off the speed-ups (fused head CE, compiled fusions,
+  fast optimizer paths; also one at a time with ``--no-*``) to measure what they give.
 * HF: Qwen2ForCausalLM, sdpa attention, bf16 weights, fused torch AdamW, the same vocabulary
   size, one causal sequence per row, next-token CE.
 
@@ -102,53 +103,80 @@ def peak_memory_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
-def run_ualm(args, shape, device) -> dict:
+def build_ualm(args, shape, device):
+    """UALMModel wrapped as training runs it; returns (model, make_step) where
+    ``make_step(batches)`` gives ``step(i)`` (one forward + backward + optimizer step)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
     from megatron_ualm.config import EncoderConfig, ModelConfig
+    from megatron_ualm.model import fusions
+    from megatron_ualm.model.fusions import scope
     from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.model.transformer_config import transformer_config_from
     from megatron_ualm.model.ualm_model import UALMModel
+    from megatron_ualm.training import fast_optimizer
 
+    reference = getattr(args, "reference", False)
+    if reference or getattr(args, "no_compile", False):
+        fusions.ENABLED = False
     precision = "bf16" if args.bf16 else "fp32"
     cfg = ModelConfig(**shape, max_position_embeddings=max(args.seq_length, 32768),
                       attention_backend=args.attention_backend, recompute=args.recompute,
                       encoder=EncoderConfig(kind="none"))
     config = transformer_config_from(cfg, None, precision, use_cpu_initialization=device.type == "cpu")
     model = UALMModel(cfg, config).to(device)
+    if reference or getattr(args, "no_fused_ce", False):
+        model.head.fused_ce = False
     if args.optimizer == "megatron":
         module = Float16Module(config, model) if args.bf16 else model
         ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=module)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.1, bf16=args.bf16,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+        if not (reference or getattr(args, "no_fast_optimizer", False)):
+            fast_optimizer.speed_up(opt)  # as providers.build_optimizer does
         net = ddp
     else:
         net = model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1,
                                 fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(0)
-    batches = [synthetic_ualm_batch(model.vocab, args.micro_batch, args.seq_length, device, g,
-                                    args.min_doc, args.max_doc) for _ in range(2)]
 
-    def step(i):
-        b = batches[i % len(batches)]
-        if args.optimizer == "megatron":
-            ddp.zero_grad_buffer()
-        opt.zero_grad()
-        out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"], loss_weights=b["loss_weights"])
-        loss = ualm_loss(out.ce, b["loss_weights"])
-        loss.backward()
-        if args.optimizer == "megatron":
-            finalize_model_grads([ddp])
-        opt.step()
-        return loss
+    def make_step(batches):
+        def step(i):  # the scopes name profiler ranges (profile_step.py); no-ops otherwise
+            b = batches[i % len(batches)]
+            with scope("ualm.zero_grad"):
+                if args.optimizer == "megatron":
+                    ddp.zero_grad_buffer()
+                opt.zero_grad()
+            out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
+                      loss_weights=b["loss_weights"])
+            with scope("ualm.loss"):
+                loss = ualm_loss(out.ce, b["loss_weights"])
+            loss.backward()
+            with scope("ualm.finalize_grads"):
+                if args.optimizer == "megatron":
+                    finalize_model_grads([ddp])
+            with scope("ualm.optimizer"):
+                opt.step()
+            return loss
+        return step
 
-    result = _time(step, args, device)
+    return model, make_step
+
+
+def ualm_batches(args, model, device, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [synthetic_ualm_batch(model.vocab, args.micro_batch, args.seq_length, device, g,
+                                 args.min_doc, args.max_doc) for _ in range(2)]
+
+
+def run_ualm(args, shape, device) -> dict:
+    model, make_step = build_ualm(args, shape, device)
+    result = _time(make_step(ualm_batches(args, model, device)), args, device)
     result["params"] = sum(p.numel() for p in model.parameters())
     result["vocab_rows"] = model.vocab.padded_size
-    del net, opt, model, batches
+    del model, make_step
     return result
 
 
@@ -211,6 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flex", "te", "unfused"])
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     p.add_argument("--optimizer", default="megatron", choices=["megatron", "torch"])
+    p.add_argument("--reference", action="store_true",
+                   help="UALM as before the speed-ups: unfused head CE, no compiled fusions, megatron's "
+                        "fallback optimizer paths")
+    p.add_argument("--no-fused-ce", action="store_true", help="head CE through materialised logits")
+    p.add_argument("--no-compile", action="store_true", help="eager RMSNorm / SwiGLU / RoPE")
+    p.add_argument("--no-fast-optimizer", action="store_true", help="megatron's fallback optimizer paths")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")

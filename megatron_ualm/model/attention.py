@@ -42,6 +42,8 @@ from torch import Tensor
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ualm.model import fusions
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flex", "te", "unfused")
@@ -200,6 +202,10 @@ class UALMCoreAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        with fusions.scope("ualm.attention"):
+            return self._forward(query, key, value, attention_mask, attention_bias, packed_seq_params)
+
+    def _forward(self, query, key, value, attention_mask, attention_bias, packed_seq_params) -> Tensor:
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("UALMCoreAttention takes document ids, not bias / THD params")
         sq, b, nq, hn = query.shape

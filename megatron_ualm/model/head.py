@@ -37,6 +37,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ualm.formats.vocab import UnifiedVocab
+from megatron_ualm.model.fused_ce import head_cross_entropy
 
 NEG_INF = float("-inf")
 
@@ -88,6 +89,9 @@ class MultiStreamHead(MegatronModule):
     config: megatron TransformerConfig; vocab: the padded UnifiedVocab (its ``padded_size``
     rows are split over TP); audio_head: "codebook" | "all_audio".
     """
+
+    #: training CE through ``fused_ce`` (False: logits materialised + megatron's CE, the reference)
+    fused_ce: bool = True
 
     def __init__(self, config, vocab: UnifiedVocab, audio_head: str = "codebook", tp_group=None):
         super().__init__(config=config)
@@ -168,6 +172,51 @@ class MultiStreamHead(MegatronModule):
         ce = vocab_parallel_cross_entropy(logits, virtual)
         return ce, correct
 
+    def _fused_cross_entropy(self, rows: Tensor, flat_labels: Tensor, index: list, sizes: list):
+        """CE and correctness of the selected rows (stream-major) through ``fused_ce``: one
+        segment per stream, stream 0 over this rank's whole shard (padding rows masked),
+        stream k over this rank's slice of its block."""
+        shard = self.sharding
+        segments, targets = [], []
+        r = 0
+        for k in range(self.num_streams):
+            lo, hi = self.stream_block(k)
+            a, b = shard.local_rows(lo, hi)
+            t = flat_labels[index[k], k]
+            own = (t >= a) & (t < b)
+            targets.append(torch.where(own, t - a, torch.full_like(t, -1)))
+            if k == 0:  # the whole shard: the product is the full weight gradient
+                segments.append((r, r + sizes[k], 0, shard.per_rank, b - a))
+            else:
+                segments.append((r, r + sizes[k], a - shard.lo, b - shard.lo, b - a))
+            r += sizes[k]
+        group = self.tp_group if shard.tp_size > 1 else None
+        return head_cross_entropy(rows, self.weight, segments, torch.cat(targets), group)
+
+    def _unfused_cross_entropy(self, rows: Tensor, flat_labels: Tensor, index: list, sizes: list):
+        """The reference path: logits materialised, megatron's vocab-parallel CE."""
+        K = self.num_streams
+        rows = list(torch.split(rows, sizes, dim=0))
+        ce_parts, correct_parts = [], []
+        # stream 0
+        t0 = flat_labels[index[0], 0]
+        ce0, ok0 = self._cross_entropy(self._stream0_logits(rows[0]), t0,
+                                       torch.zeros_like(t0), self.sharding.per_rank)
+        ce_parts.append(ce0)
+        correct_parts.append(ok0)
+        # streams 1..K-1, one softmax call over their concatenated rows
+        if K > 1:
+            blocks = [self.stream_block(k) for k in range(1, K)]
+            width = max(self.sharding.width(lo, hi) for lo, hi in blocks)
+            logits = torch.cat([self._block_logits(rows[k], *blocks[k - 1], width) for k in range(1, K)], dim=0)
+            targets = torch.cat([flat_labels[index[k], k] for k in range(1, K)])
+            lo = torch.cat([torch.full((sizes[k],), blocks[k - 1][0], dtype=targets.dtype, device=targets.device)
+                            for k in range(1, K)])
+            ce_a, ok_a = self._cross_entropy(logits, targets, lo, width)
+            ce_parts.append(ce_a)
+            correct_parts.append(ok_a)
+        return torch.cat(ce_parts), torch.cat(correct_parts)
+
     # --- training -------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, labels: Tensor, loss_weights: Tensor) -> StreamLosses:
         """hidden [s(/TP), B, H] (final norm applied); labels int [B, S, K]; loss_weights [B, S, K].
@@ -192,33 +241,18 @@ class MultiStreamHead(MegatronModule):
             parts.append(h.index_select(0, index[k]) + self.stream_embeddings[k - 1].to(h.dtype))
         rows = torch.cat(parts, dim=0)
         rows = copy_to_tensor_model_parallel_region(rows, group=self.tp_group)  # bwd: all-reduce
-        rows = list(torch.split(rows, sizes, dim=0))
 
-        ce_parts, correct_parts = [], []
-        # stream 0
-        t0 = flat_labels[index[0], 0]
-        ce0, ok0 = self._cross_entropy(self._stream0_logits(rows[0]), t0,
-                                       torch.zeros_like(t0), self.sharding.per_rank)
-        ce_parts.append(ce0)
-        correct_parts.append(ok0)
-        # streams 1..K-1, one softmax call over their concatenated rows
-        if K > 1:
-            blocks = [self.stream_block(k) for k in range(1, K)]
-            width = max(self.sharding.width(lo, hi) for lo, hi in blocks)
-            logits = torch.cat([self._block_logits(rows[k], *blocks[k - 1], width) for k in range(1, K)], dim=0)
-            targets = torch.cat([flat_labels[index[k], k] for k in range(1, K)])
-            lo = torch.cat([torch.full((sizes[k],), blocks[k - 1][0], dtype=targets.dtype, device=targets.device)
-                            for k in range(1, K)])
-            ce_a, ok_a = self._cross_entropy(logits, targets, lo, width)
-            ce_parts.append(ce_a)
-            correct_parts.append(ok_a)
+        if self.fused_ce:
+            ce_all, correct_all = self._fused_cross_entropy(rows, flat_labels, index, sizes)
+        else:
+            ce_all, correct_all = self._unfused_cross_entropy(rows, flat_labels, index, sizes)
 
         # Scatter back to dense [B, S, K].
         flat_index = torch.cat([index[k] * K + k for k in range(K)])
         ce = torch.zeros(B * S * K, dtype=torch.float32, device=h.device).index_put(
-            (flat_index,), torch.cat(ce_parts).float())
+            (flat_index,), ce_all.float())
         correct = torch.zeros(B * S * K, dtype=torch.bool, device=h.device).index_put(
-            (flat_index,), torch.cat(correct_parts))
+            (flat_index,), correct_all)
         return StreamLosses(ce.view(B, S, K), correct.view(B, S, K))
 
     # --- inference ------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ Megatron's own modules everywhere except two seams:
   baddbmm path.
 
 Qwen2 shape choices live in the ``TransformerConfig`` (see ``transformer_config.py``):
-bias on the QKV projection only, gated SiLU MLP whose fc1 is [gate; up].
+bias on the QKV projection only, gated SiLU MLP whose fc1 is [gate; up] (``SwiGLUMLP``:
+megatron's MLP with the activation fused on CUDA).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -23,8 +25,50 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+import torch
+import torch.nn.functional as F
+
+from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
 from megatron_ualm.model.norm import RMSNorm
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for fc1's output [..., 2F] laid out as [gate; up]."""
+    gate, up = torch.chunk(y, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _QuietUnknownMLP(logging.Filter):
+    """megatron's TransformerLayer passes ``tp_group`` only to the exact ``MLP`` class and logs
+    "Unknown MLP type" once per layer for a subclass; SwiGLUMLP takes the default TP group,
+    which is the same group, so that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type: <class 'megatron.core.transformer.spec_utils")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietUnknownMLP())
+
+
+class SwiGLUMLP(MLP):
+    """megatron's MLP with the gated SiLU fused on CUDA (``fusions``): one kernel each way, and
+    backward keeps fc1's output only (eager keeps SiLU(gate) as well). Anything beyond the
+    plain Qwen2 case (bias, per-token scales, TE activations, clamping) goes to megatron's
+    own forward."""
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        cfg = self.config
+        if (per_token_scale is not None or not cfg.gated_linear_unit or cfg.activation_func is not F.silu
+                or cfg.use_te_activation_func or getattr(cfg, "activation_func_clamp_value", None) is not None
+                or getattr(cfg, "glu_linear_offset", 0.0) != 0.0):
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        with fusions.scope("ualm.swiglu"):
+            intermediate = fusions.maybe_compiled(swiglu, intermediate)(intermediate)
+        return self.linear_fc2(intermediate)
 
 
 def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None) -> ModuleSpec:
@@ -48,7 +92,7 @@ def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskC
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+            mlp=ModuleSpec(module=SwiGLUMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
         ),

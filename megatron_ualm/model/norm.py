@@ -8,11 +8,26 @@ parameter that carries ``sequence_parallel = True``; this norm sets that attribu
 
 The math is Qwen2's: ``weight * (x / sqrt(mean(x^2) + eps))`` computed in float32 and cast
 back to the input dtype before the weight is applied.
+
+On CUDA the same function runs through ``torch.compile`` (``fusions.compiled``): one kernel
+forward, one backward, and only the input and the per-row ``1/rms`` kept for backward
+instead of float32 copies of the activations (``tests/test_model_fusions.py`` compares it
+with the eager function).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from megatron_ualm.model import fusions
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm: float32 statistics, cast back to x's dtype, then the weight."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +50,5 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        with fusions.scope("ualm.norm"):
+            return fusions.maybe_compiled(rms_norm, x)(x, self.weight, self.eps)

@@ -39,3 +39,43 @@ class RotaryAngles(nn.Module):
     def arange(self, length: int, device) -> Tensor:
         """Angles for positions 0..length-1 shared by the batch: [length, 1, 1, head_dim]."""
         return self.forward(torch.arange(length, device=device)[None, :])
+
+
+# --- fused application on CUDA ------------------------------------------------------------------
+def rotate(t: Tensor, freqs: Tensor) -> Tensor:
+    """megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``: non-interleaved, mscale 1,
+    rotary dim = head dim): ``t * cos + rotate_half(t) * sin`` with cos/sin cast to t's dtype.
+    t [s, b, heads, d]; freqs [s, b or 1, 1, d] float32 angles."""
+    cos = torch.cos(freqs).to(t.dtype)
+    sin = torch.sin(freqs).to(t.dtype)
+    t1, t2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+_FUSED_MARK = "__ualm_fused_rope__"
+
+
+def install_fused_rope() -> None:
+    """Route megatron's unfused RoPE (what ``SelfAttention`` calls without TE) through the
+    compiled ``rotate`` for CUDA tensors in the plain case; every other call (CPU, interleaved,
+    MLA, mscale, partial rotary dim) keeps megatron's function. Same math; without it each
+    layer runs about eight elementwise kernels per q/k each way. Idempotent, process-wide
+    (megatron offers no per-model hook for this without TE's fused kernel)."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron_ualm.model import fusions
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(original, _FUSED_MARK, False):
+        return
+
+    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        with fusions.scope("ualm.rope"):
+            if (fusions.ENABLED and t.is_cuda and not rotary_interleaved and not multi_latent_attention
+                    and mscale == 1.0 and freqs.shape[-1] == t.shape[-1]):
+                return fusions.compiled(rotate)(t, freqs)
+            return original(t, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale)
+
+    setattr(_apply_rotary_pos_emb_bshd, _FUSED_MARK, True)
+    _apply_rotary_pos_emb_bshd.original = original
+    rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd

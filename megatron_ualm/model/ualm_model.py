@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ualm.formats.vocab import UnifiedVocab
+from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache
 from megatron_ualm.model.batch import is_packed
 from megatron_ualm.model.embedding import MultiStreamEmbedding
@@ -160,7 +161,8 @@ class UALMModel(MegatronModule):
         ``return_logits``, else the final hidden states [s(/TP), B, H].
         """
         if self.pre_process:
-            hidden = self.embed(tokens, audio_waveforms, audio_num_samples, audio_rows)
+            with fusions.scope("ualm.embed"):
+                hidden = self.embed(tokens, audio_waveforms, audio_num_samples, audio_rows)
             if self.config.sequence_parallel:
                 hidden = scatter_to_sequence_parallel_region(hidden)
         else:
@@ -180,7 +182,8 @@ class UALMModel(MegatronModule):
             return hidden
         if loss_weights is None:
             raise ValueError("labels given without loss_weights")
-        return self.head(hidden, labels, loss_weights)
+        with fusions.scope("ualm.head"):
+            return self.head(hidden, labels, loss_weights)
 
     @torch.no_grad()
     def logits(self, tokens: Tensor, position_ids: Tensor, document_ids: Optional[Tensor] = None,

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Time and profile UALM's training step (as training runs it) on one GPU, by category.
+
+    python benchmarks/profile_step.py --json out.json                 # the model as it is
+    python benchmarks/profile_step.py --reference --json ref.json     # speed-ups off
+    python benchmarks/profile_step.py --shapes 4096x2:packed,4096x2:unpacked,8192x1:packed
+
+One process builds the 1.5B-shaped model once (Float16Module + DDP fp32 grads + distributed
+optimizer, ``model_step.build_ualm``) and, for each shape ``SEQxMB:packed|unpacked``, times
+``--steps`` steps after ``--warmup`` and reports tokens/s, MFU and peak memory; the first
+shape is then profiled (``torch.profiler``, ``--profile-steps`` steps) and its GPU time is
+broken down:
+
+* by model part: ranges the model opens while a profiler runs (``fusions.scope``:
+  ualm.embed / attention / norm / swiglu / rope / head) and the step's own (ualm.loss,
+  ualm.zero_grad, ualm.finalize_grads, ualm.optimizer); backward kernels are attributed to
+  the forward range of the op that made their autograd node (profiler sequence numbers);
+* GEMMs by kernel name (cuBLAS / CUTLASS) outside the head; ``AccumulateGrad`` hooks (DDP
+  adding each bf16 weight gradient into its fp32 main_grad) as "DDP / grad copies";
+* idle: profiled wall time on the GPU minus the union of kernel (and copy) intervals, i.e.
+  time the GPU waits for the CPU.
+Also the top kernels by time. Results go to ``--json`` (plus a Chrome trace with ``--trace``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import model_step as ms  # noqa: E402
+
+GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|sm90_|sm80_|ampere_|cublas|splitk", re.I)
+ATTN = re.compile(r"flash|fmha|cudnn|attention|flex", re.I)
+SCOPES = {
+    "ualm.embed": "embedding",
+    "ualm.attention": "attention",
+    "ualm.norm": "elementwise: RMSNorm",
+    "ualm.swiglu": "elementwise: SwiGLU",
+    "ualm.rope": "elementwise: RoPE",
+    "ualm.head": "head + CE",
+    "ualm.loss": "head + CE",
+    "ualm.zero_grad": "DDP / grad copies",
+    "ualm.finalize_grads": "DDP / grad copies",
+    "ualm.optimizer": "optimizer",
+}
+
+
+def _scope_of(evt) -> str | None:
+    while evt is not None:
+        if evt.name in SCOPES:
+            return evt.name
+        evt = evt.cpu_parent
+    return None
+
+
+def _backward_node(evt):
+    """The autograd node event (with a sequence number) this backward op runs under."""
+    while evt is not None:
+        if evt.name.startswith("autograd::engine::evaluate_function:"):
+            return evt
+        evt = evt.cpu_parent
+    return None
+
+
+class _CpuKernel:  # CPU runs (smoke test): leaf ops stand in for kernels
+    def __init__(self, e):
+        self.name, self.duration = e.name, e.self_cpu_time_total
+
+
+def _kernels(e, on_cpu: bool):
+    if not on_cpu:
+        return e.kernels
+    return [_CpuKernel(e)] if not e.cpu_children else []
+
+
+def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
+    from torch.autograd import DeviceType
+    events = prof.events()
+    fwd_scope = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and getattr(e, "sequence_nr", -1) >= 0 and _backward_node(e) is None:
+            s = _scope_of(e)
+            if s is not None:
+                fwd_scope.setdefault(e.sequence_nr, s)
+    cats: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list] = defaultdict(lambda: [0.0, 0, ""])
+    for e in events:
+        if e.device_type != DeviceType.CPU or not _kernels(e, on_cpu):
+            continue
+        scope = _scope_of(e)
+        node = _backward_node(e)
+        if scope is None and node is not None:
+            if "AccumulateGrad" in node.name:
+                scope = "ualm.finalize_grads"
+            else:
+                inner = node
+                for c in node.cpu_children:  # the node's own range carries the sequence number
+                    if getattr(c, "sequence_nr", -1) >= 0:
+                        inner = c
+                        break
+                scope = fwd_scope.get(getattr(inner, "sequence_nr", -1)) or fwd_scope.get(
+                    getattr(node, "sequence_nr", -1))
+        for k in _kernels(e, on_cpu):
+            name = k.name
+            if scope == "ualm.head" or scope == "ualm.loss":
+                cat = "head + CE: GEMM" if GEMM.search(name) else "head + CE: softmax/CE/select"
+            elif scope in SCOPES:
+                cat = SCOPES[scope]
+            elif ATTN.search(name):
+                cat = "attention"
+            elif GEMM.search(name):
+                cat = "GEMM (layers)"
+            elif node is not None:
+                cat = "other elementwise (bwd: residual, copies)"
+            else:
+                cat = "other elementwise (fwd: residual, copies)"
+            cats[cat] += k.duration
+            kernels[name][0] += k.duration
+            kernels[name][1] += 1
+            kernels[name][2] = cat
+    # GPU busy time (union of device intervals) vs the profiled span
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy, window = 0.0, 0.0
+    if spans:
+        cur_s, cur_e = spans[0]
+        first, last = spans[0][0], max(e for _, e in spans)
+        for s, e in spans[1:]:
+            if s > cur_e:
+                busy += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += cur_e - cur_s
+        window = last - first
+    total_kernel = sum(cats.values())
+    per_step = {k: v / steps / 1e3 for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+    return {
+        "ms_per_step": per_step,
+        "kernel_ms_per_step": total_kernel / steps / 1e3,
+        "gpu_busy_ms_per_step": busy / steps / 1e3,
+        "gpu_window_ms_per_step": window / steps / 1e3,
+        "idle_ms_per_step": (window - busy) / steps / 1e3,
+        "top_kernels": [{"name": n[:160], "ms_per_step": v[0] / steps / 1e3, "calls_per_step": v[1] / steps,
+                         "category": v[2]} for n, v in top],
+    }
+
+
+def print_breakdown(b: dict, title: str) -> None:
+    print(f"\n-- {title}: GPU time per step by category (ms) --")
+    for k, v in b["ms_per_step"].items():
+        print(f"  {k:45s} {v:8.2f}")
+    print(f"  {'kernels total':45s} {b['kernel_ms_per_step']:8.2f}")
+    print(f"  {'GPU busy (union)':45s} {b['gpu_busy_ms_per_step']:8.2f}")
+    print(f"  {'GPU idle (waiting for the CPU)':45s} {b['idle_ms_per_step']:8.2f}")
+    print(f"-- top kernels --")
+    for t in b["top_kernels"][:20]:
+        print(f"  {t['ms_per_step']:7.2f} ms {t['calls_per_step']:6.0f}x  [{t['category'][:22]:22s}] {t['name'][:90]}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="4096x2:packed", help="comma list of SEQxMB:packed|unpacked")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=2, help="0: no profile")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--recompute", default="none")
+    p.add_argument("--reference", action="store_true", help="the speed-ups off (model_step.py --reference)")
+    p.add_argument("--no-fused-ce", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-fast-optimizer", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny shape on CPU (smoke test of this script)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps")
+    a = p.parse_args(argv)
+    device = torch.device("cpu" if a.tiny else "cuda")
+
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    init_runtime(device=device.type, seed=1234)
+    shapes = []
+    for item in a.shapes.split(","):
+        size, kind = item.split(":")
+        seq, mb = (int(v) for v in size.split("x"))
+        shapes.append((seq, mb, kind))
+    args = SimpleNamespace(bf16=True, seq_length=max(s for s, _, _ in shapes), micro_batch=shapes[0][1],
+                           attention_backend=a.attention_backend, recompute=a.recompute, optimizer="megatron",
+                           reference=a.reference, no_fused_ce=a.no_fused_ce, no_compile=a.no_compile,
+                           no_fast_optimizer=a.no_fast_optimizer, steps=a.steps, warmup=a.warmup,
+                           min_doc=256, max_doc=2048)
+    shape = ms.TINY if a.tiny else ms.FULL
+    args.bf16 = not a.tiny
+    t0 = time.perf_counter()
+    model, make_step = ms.build_ualm(args, shape, device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"model built in {time.perf_counter() - t0:.1f} s; {name}; "
+          f"{'reference' if a.reference else 'speed-ups on'}", flush=True)
+    results = {"device": name, "args": vars(a), "runs": {}}
+    for i, (seq, mb, kind) in enumerate(shapes):
+        args.seq_length, args.micro_batch = seq, mb
+        args.min_doc, args.max_doc = (256, 2048) if kind == "packed" else (seq, seq)
+        batches = ms.ualm_batches(args, model, device)
+        base_step = make_step(batches)
+        step = base_step
+        ms.sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t1 = time.perf_counter()
+        try:
+            r = ms._time(step, args, device)
+        except torch.OutOfMemoryError as e:
+            print(f"{seq}x{mb} {kind}: out of memory ({str(e)[:200]})", flush=True)
+            results["runs"][f"{seq}x{mb}:{kind}"] = {"oom": True}
+            batches = step = base_step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        flops = ms.model_flops_per_token(shape, model.vocab.size, seq)
+        r["tflops"] = flops * r["tokens_per_s"] / 1e12
+        r["mfu"] = r["tflops"] / ms.PEAK_TFLOPS
+        r["flops_per_token"] = flops
+        print(f"{seq}x{mb} {kind:8s} {r['tokens_per_s']:>9,.0f} tokens/s {r['tflops']:6.1f} TFLOP/s "
+              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gb'] or 0:.1f} GB  step {1e3 * r['step_s']:.1f} ms  "
+              f"loss {r['loss']:.3f}  (incl. warmup {time.perf_counter() - t1:.0f} s)", flush=True)
+        if i == 0 and a.profile_steps > 0:
+            from torch.profiler import ProfilerActivity, profile
+            ms.sync(device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for j in range(a.profile_steps):
+                    step(j)
+                ms.sync(device)
+            r["breakdown"] = breakdown(prof, a.profile_steps, on_cpu=device.type == "cpu")
+            print_breakdown(r["breakdown"], f"{seq}x{mb} {kind}")
+            if a.trace:
+                prof.export_chrome_trace(a.trace)
+        results["runs"][f"{seq}x{mb}:{kind}"] = r
+        batches = step = base_step = None
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    shutdown_runtime()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

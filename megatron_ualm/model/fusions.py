@@ -1,0 +1,40 @@
+"""Elementwise fusions through ``torch.compile`` on CUDA, the eager function elsewhere.
+
+The model's elementwise pieces (RMSNorm, SwiGLU, RoPE) are written once as plain PyTorch
+functions; on CUDA they run compiled (Inductor generates one Triton kernel per direction and
+AOTAutograd keeps only what backward needs), on CPU eagerly. Tests compare the compiled and
+eager functions (``tests/test_model_fusions.py``, CPU Inductor; GPU tests marked ``gpu``).
+
+``ENABLED`` (env ``UALM_COMPILE=0`` turns it off) switches every compiled path back to eager,
+e.g. for debugging or to measure what the fusions give.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Callable
+
+import torch
+
+ENABLED = os.environ.get("UALM_COMPILE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, one compiled object per function (shapes specialise, then go
+    dynamic after a change, as torch.compile does by default)."""
+    return torch.compile(fn)
+
+
+def maybe_compiled(fn: Callable, x: torch.Tensor) -> Callable:
+    """The compiled ``fn`` for CUDA tensors while fusions are enabled, else ``fn``."""
+    return compiled(fn) if (ENABLED and x.is_cuda) else fn
+
+
+def scope(name: str):
+    """A profiler range (``torch.profiler.record_function``) while a profiler is running, else a
+    no-op context: ``benchmarks/profile_step.py`` attributes kernels to model parts by these."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()

@@ -1,0 +1,124 @@
+"""Faster paths for megatron's optimizer when neither apex nor TransformerEngine is installed.
+
+Without them megatron-core (0.16 - 0.19) falls back to
+
+* ``torch.optim.AdamW`` with its default implementation on CUDA (``foreach``: about ten
+  passes over the float32 main parameters and states per step);
+* ``local_multi_tensor_l2_norm`` for the gradient norm: one ``torch.norm`` per tensor and a
+  ``torch.tensor(list_of_cuda_scalars)`` that synchronises with the device once per tensor;
+* ``local_multi_tensor_scale`` for clipping: ``dst.copy_(src * scale)`` per tensor (a
+  temporary and two passes).
+
+``speed_up(optimizer)`` (called by ``providers.build_optimizer`` and the step benchmark):
+
+* installs ``foreach_l2_norm`` / ``foreach_scale`` (``torch._foreach_norm``,
+  ``torch._foreach_mul_``: the same values, no per-tensor synchronisation) in place of the two
+  local fallbacks -- only where megatron uses the fallbacks (process-wide, idempotent);
+* runs the inner torch Adam/AdamW with ``fused=True`` when all its parameters are CUDA tensors
+  (one kernel per tensor group, same update rule). The flag is (re)applied by a step pre-hook,
+  which also moves each parameter's ``step`` count to its device as the fused kernel needs
+  (a checkpoint load may leave CPU ``step`` tensors, ``checkpoint._load_optimizer_state``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MARK = "__ualm_fast_optimizer__"
+
+
+# --- multi-tensor ops (megatron's apex signatures) ---------------------------------------------------
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract: (total L2 norm as a [1] float32 tensor, None)."""
+    tensors = [t for t in tensor_lists[0] if t.numel() > 0]
+    if not tensors:
+        device = tensor_lists[0][0].device if tensor_lists[0] else noop_flag.device
+        return torch.zeros(1, dtype=torch.float32, device=device), None
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract: ``dst = src * scale`` for each pair."""
+    src, dst = list(tensor_lists[0]), list(tensor_lists[1])
+    if not src:
+        return
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+setattr(foreach_l2_norm, _MARK, True)
+setattr(foreach_scale, _MARK, True)
+
+
+def install_foreach_multi_tensor_ops() -> list[str]:
+    """Replace megatron's local (no apex/TE) multi-tensor fallbacks; returns what was replaced."""
+    import megatron.core.utils as mutils
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+    replaced = []
+    targets = [(clip_grads, "l2_norm_impl", mutils.local_multi_tensor_l2_norm, foreach_l2_norm),
+               (clip_grads, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, foreach_scale),
+               (moptimizer, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, foreach_scale)]
+    for module, name, fallback, replacement in targets:
+        current = getattr(module, name, None)
+        if current is fallback:
+            setattr(module, name, replacement)
+            replaced.append(f"{module.__name__}.{name}")
+    return replaced
+
+
+# --- fused torch Adam -----------------------------------------------------------------------------------
+def _torch_adams(optimizer) -> Iterable[torch.optim.Optimizer]:
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in parts:
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def _all_cuda(opt: torch.optim.Optimizer) -> bool:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
+def _fused_pre_hook(opt, args, kwargs):
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = True, False
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state:
+                step = state.get("step")
+                if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
+                    state["step"] = step.detach().to(device=p.device, dtype=torch.float32).clone()
+    return None
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch every inner torch Adam/AdamW whose parameters are all on CUDA to its fused
+    implementation (through a step pre-hook, see the module docstring). Returns how many."""
+    count = 0
+    for opt in _torch_adams(optimizer):
+        if not _all_cuda(opt) or getattr(opt, _MARK, False):
+            continue
+        if any(g.get("differentiable") or g.get("capturable") for g in opt.param_groups):
+            continue
+        opt.register_step_pre_hook(_fused_pre_hook)
+        setattr(opt, _MARK, True)
+        count += 1
+    return count
+
+
+def speed_up(optimizer) -> dict:
+    """Both of the above; returns what was done (for logging)."""
+    done = {"multi_tensor_ops": install_foreach_multi_tensor_ops(), "fused_adam": use_fused_adam(optimizer)}
+    log.info("optimizer speed-ups: %s", done)
+    return done

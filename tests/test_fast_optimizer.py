@@ -1,0 +1,79 @@
+"""``training/fast_optimizer.py``: the foreach grad-norm / scale replacements give megatron's
+fallback values, and the fused-Adam pre-hook gives torch's default AdamW update."""
+from __future__ import annotations
+
+import torch
+
+from megatron_ualm.training import fast_optimizer as fo
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g) for n in (7, 1000, 3, 64 * 33)]
+
+
+def test_foreach_ops_match_megatron_fallbacks(monkeypatch):
+    import megatron.core.utils as mutils
+    monkeypatch.setattr(torch, "tensor", _cpu_tensor(torch.tensor))  # the fallback asks for "cuda"
+    ts = _tensors()
+    want, _ = mutils.local_multi_tensor_l2_norm(0, None, [ts], False)
+    got, _ = fo.foreach_l2_norm(0, torch.zeros(1), [ts], False)
+    torch.testing.assert_close(got, want.reshape(1), atol=0, rtol=1e-6)
+    a, b = _tensors(1), _tensors(1)
+    mutils.local_multi_tensor_scale(0, None, [a, a], 0.37)
+    fo.foreach_scale(0, None, [b, b], 0.37)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    src, dst1, dst2 = _tensors(2), [torch.empty(t.shape) for t in _tensors(2)], [torch.empty(t.shape) for t in _tensors(2)]
+    mutils.local_multi_tensor_scale(0, None, [src, dst1], 1.0)
+    fo.foreach_scale(0, None, [src, dst2], 1.0)
+    for x, y in zip(dst1, dst2):
+        assert torch.equal(x, y)
+
+
+def _cpu_tensor(original):
+    def tensor(*args, **kwargs):
+        kwargs.pop("device", None)
+        return original(*args, **kwargs)
+    return tensor
+
+
+def test_install_replaces_only_the_fallbacks_and_is_idempotent():
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+    fo.install_foreach_multi_tensor_ops()
+    assert fo.install_foreach_multi_tensor_ops() == []
+    assert clip_grads.l2_norm_impl is fo.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is fo.foreach_scale
+    assert moptimizer.multi_tensor_scale_impl is fo.foreach_scale
+
+
+def test_fused_pre_hook_gives_the_default_adamw_update():
+    params = [[torch.nn.Parameter(t.clone()) for t in _tensors(3)] for _ in range(2)]
+    opts = [torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1) for p in params]
+    opts[1].register_step_pre_hook(fo._fused_pre_hook)  # CPU has a fused AdamW too
+    for step in range(3):
+        grads = _tensors(10 + step)
+        for ps, opt in zip(params, opts):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert opts[1].param_groups[0]["fused"] and not opts[0].param_groups[0]["fused"]
+    for a, b in zip(*params):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # a checkpoint-loaded float64/shared step becomes a float32 tensor per parameter
+    shared = torch.tensor(3.0, dtype=torch.float64)
+    for p in params[1]:
+        opts[1].state[p]["step"] = shared
+    fo._fused_pre_hook(opts[1], (), {})
+    steps = [opts[1].state[p]["step"] for p in params[1]]
+    assert all(s.dtype == torch.float32 and float(s) == 3.0 for s in steps)
+    assert len({id(s) for s in steps}) == len(steps)
+
+
+def test_use_fused_adam_leaves_cpu_optimizers_alone():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+
+    class Wrapper:
+        optimizer = opt
+    assert fo.use_fused_adam(Wrapper()) == 0
+    assert not opt._optimizer_step_pre_hooks
