@@ -93,7 +93,7 @@ def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_run", help="everything is written here (default: demo_run)")
-    p.add_argument("--iters", type=int, default=300, help="training iterations")
+    p.add_argument("--iters", type=int, default=600, help="training iterations")
     p.add_argument("--clips", type=int, default=48, help="demo audio clips")
     p.add_argument("--nproc", type=int, default=2, help="training processes (TP = nproc)")
     a = p.parse_args(argv)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 base: {os.path.join(ROOT, 'examples', 'tiny.yaml')}
 data:
   train:
-    - {{path: {tok}/text_only, task: text_only, weight: 2}}
+    - {{path: {tok}/text_only, task: text_only, weight: 3}}
     - {{path: {tok}/caption_to_audio, task: caption_to_audio, weight: 1}}
     - {{path: {tok}/audio_to_caption, task: audio_to_caption, weight: 1}}
     - {{path: {tok}/audio_to_conversation, task: audio_to_conversation, weight: 1}}
