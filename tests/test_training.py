@@ -142,3 +142,16 @@ def test_missing_dataset_names_the_file(tmp_path):
     from megatron_ualm.training.providers import build_datasets
     with pytest.raises(FileNotFoundError, match="nope.meta.json is missing"):
         build_datasets(cfg, 4)
+
+
+def test_per_stream_metrics_and_loss_plot(data, tmp_path):
+    from megatron_ualm.training.loop import pretrain
+    from megatron_ualm.training.plot import main as plot_main
+    pretrain(tiny_config(str(data), str(tmp_path / "run"), "training.train_iters=2"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*rows)
+    assert {"loss", "text_loss", "audio_loss", "grad_norm", "lr", "tokens_per_s", "data_wait_s"} <= keys
+    assert {f"stream_loss/{k}" for k in range(4)} <= keys  # tiny_training uses K=4
+    assert any(k.startswith("loss/") for k in keys)
+    plot_main([str(tmp_path / "run"), "--out", str(tmp_path / "loss.png")])
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

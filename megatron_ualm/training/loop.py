@@ -53,12 +53,17 @@ def to_device(batch: dict, device) -> dict:
 
 
 def report_vector(ce, correct, weights, task_ids) -> torch.Tensor:
+    """Dense sums of one micro-batch: REPORT_KEYS, then per stream k (CE sum, targets)."""
     numerator, denominator = loss_sums(ce, weights)
     m = loss_metrics(ce, correct, weights, task_ids)
     values = [numerator.detach(), denominator] + [m[k] for k in BASE_KEYS[2:]]
     for kind in ("loss_sum", "count"):
         for t in range(len(TASKS)):
             values.append(m.get(f"task{t}_{kind}", torch.zeros((), device=ce.device)))
+    with torch.no_grad():
+        targets = weights > 0
+        values += list((ce.detach().float() * targets).sum(dim=(0, 1)))
+        values += list(targets.sum(dim=(0, 1)).float())
     return torch.stack([v.float().reshape(()) for v in values])
 
 
@@ -86,7 +91,10 @@ def reduce_reports(reports: list) -> torch.Tensor | None:
 
 
 def summarise(total: torch.Tensor) -> dict:
-    v = dict(zip(REPORT_KEYS, total.tolist()))
+    values = total.tolist()
+    v = dict(zip(REPORT_KEYS, values))
+    streams = values[len(REPORT_KEYS):]
+    k_streams = len(streams) // 2
     out = {"loss": v["loss_sum"] / max(v["targets"], 1.0), "targets": v["targets"]}
     if v["text_count"]:
         out["text_loss"] = v["text_ce_sum"] / v["text_count"]
@@ -97,6 +105,9 @@ def summarise(total: torch.Tensor) -> dict:
     for t in TASKS:
         if v[f"task_count/{t}"]:
             out[f"loss/{t}"] = v[f"task_loss_sum/{t}"] / v[f"task_count/{t}"]
+    for k in range(k_streams):  # mean CE of each stream over its targets (stream 0: text + audio)
+        if streams[k_streams + k]:
+            out[f"stream_loss/{k}"] = streams[k] / streams[k_streams + k]
     return out
 
 
