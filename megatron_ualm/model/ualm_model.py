@@ -139,6 +139,13 @@ class UALMModel(MegatronModule):
             seq_idx = torch.cat([torch.arange(row, row + n, device=device) for _, row, n in spans])
             batch_idx = torch.cat([torch.full((n,), b, device=device, dtype=torch.long) for b, _, n in spans])
             hidden = hidden.index_put((seq_idx, batch_idx), frames.to(hidden.dtype))
+        elif self.audio_encoder is not None and torch.is_grad_enabled():
+            # A batch without clips leaves the adapter out of the graph; megatron's overlapped
+            # gradient reduce waits for a gradient of every trainable parameter, so keep it in
+            # with a zero contribution.
+            trainable = [p.sum() for p in self.audio_encoder.parameters() if p.requires_grad]
+            if trainable:
+                hidden = hidden + 0.0 * torch.stack(trainable).sum().to(hidden.dtype)
         return hidden
 
     def _rotary(self, position_ids: Tensor, inference_context) -> Tensor:

@@ -13,6 +13,7 @@ restart from the checkpoint of iteration i continues exactly where the run was.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -168,6 +169,22 @@ def train_step(cfg, chunks, optimizer, scheduler, batches, device, seq_length):
     return total, grad_norm, "ok" if ok else "overflow"
 
 
+@contextlib.contextmanager
+def params_in_sync(chunks):
+    """With ``overlap_param_gather`` the distributed optimizer's updated shards reach the
+    model lazily, in the forward pre-hooks of the next training step. Checkpointing and
+    evaluation must see the updated weights: force the all-gather, and put the hooks back
+    afterwards."""
+    hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+    for c in hooked:
+        c.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for c in hooked:
+            c.enable_forward_pre_hook()
+
+
 def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
     """Loss per validation task over up to ``training.eval_iters`` global batches each."""
     for c in chunks:
@@ -250,8 +267,9 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
     preemption = PreemptionHandler()
 
     def save(reason: str):
-        ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
-                             state, cfg, keep_last=cfg.checkpoint.keep_last)
+        with params_in_sync(chunks):
+            ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
+                                 state, cfg, keep_last=cfg.checkpoint.keep_last)
         if runtime.is_rank_zero:
             print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
 
@@ -292,7 +310,8 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
             window_time, window_wait, window_steps = 0.0, 0.0, 0
 
         if valid_sets and t.eval_interval and state.iteration % t.eval_interval == 0:
-            results = evaluate(cfg, chunks, valid_sets, runtime.device)
+            with params_in_sync(chunks):
+                results = evaluate(cfg, chunks, valid_sets, runtime.device)
             if logger_rank and results:
                 metrics.log(state.iteration, {f"loss/{k}": v for k, v in results.items()}, kind="valid")
                 print("[ualm] valid " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
