@@ -432,3 +432,24 @@ def test_gpu_nccl_tp2_and_pp2_match_cpu_reference(reference):
         if tp > 1:
             assert all(r["max_connections"] == "1" for r in results)
         _check_against_reference(reference, results, step1_abs=1e-4)
+
+
+def test_transformers_loads_correctly_after_cpu_patches(tmp_path):
+    """from_pretrained builds under ``with torch.device("meta")``; the patched factories must
+    not hide their calls from that context (it left RoPE buffers uninitialised once)."""
+    import subprocess
+    import sys
+    script = f"""
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2)
+Qwen2ForCausalLM(cfg).save_pretrained({str(tmp_path)!r})
+from megatron_ualm.runtime import init_runtime
+init_runtime(device="cpu")
+got = Qwen2ForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.float32).model.rotary_emb.inv_freq
+want = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, 8, 2).float() / 8))
+assert torch.allclose(got, want), (got, want)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -357,6 +357,13 @@ def apply_cpu_compat() -> None:
 
     resolved = [(p, *_resolve(p)) for p in _PATCHES]
     _warn_if_unsupported_version()
+    # ``with torch.device(...)`` (used by transformers' from_pretrained to build on "meta")
+    # recognises factory functions by identity in a cached set. Fill that cache with the real
+    # factories before they are wrapped: our wrapper calls them, so the device context still
+    # applies; a cache built later would hold the wrappers and the context would miss the
+    # inner call (transformers then leaves its RoPE buffers uninitialised).
+    from torch.utils import _device
+    _device._device_constructors()
     for patch, owner, leaf, current in resolved:
         if _is_ours(current):
             continue
