@@ -31,7 +31,7 @@ t.test_bf16_head_cross_entropy_on_gpu()
 print("fused head CE GPU checks: ok")
 PY
 echo "== HF baseline"
-timeout 90 python benchmarks/model_step.py --only hf --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/hf.json" 2>&1 | quiet | tail -1
+timeout 90 python benchmarks/train_throughput.py --only hf --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/hf.json" 2>&1 | quiet | tail -1
 echo "== UALM reference (speed-ups off)"
 timeout 120 python benchmarks/profile_step.py --reference --steps "$STEPS" --warmup "$WARMUP" --profile-steps 1 \
   --json "$OUT/ualm_reference.json" 2>&1 | quiet

@@ -6,7 +6,7 @@
     python benchmarks/profile_step.py --shapes 4096x2:packed,4096x2:unpacked,8192x1:packed
 
 One process builds the 1.5B-shaped model once (Float16Module + DDP fp32 grads + distributed
-optimizer, ``model_step.build_ualm``) and, for each shape ``SEQxMB:packed|unpacked``, times
+optimizer, ``train_throughput.build_ualm``) and, for each shape ``SEQxMB:packed|unpacked``, times
 ``--steps`` steps after ``--warmup`` and reports tokens/s, MFU and peak memory; the first
 shape is then profiled (``torch.profiler``, ``--profile-steps`` steps) and its GPU time is
 broken down:
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import model_step as ms  # noqa: E402
+import train_throughput as ms  # noqa: E402
 
 GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|sm90_|sm80_|ampere_|cublas|splitk", re.I)
 ATTN = re.compile(r"flash|fmha|cudnn|attention|flex", re.I)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=2, help="0: no profile")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--recompute", default="none")
-    p.add_argument("--reference", action="store_true", help="the speed-ups off (model_step.py --reference)")
+    p.add_argument("--reference", action="store_true", help="the speed-ups off (train_throughput.py --reference)")
     p.add_argument("--no-fused-ce", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-fast-optimizer", action="store_true")

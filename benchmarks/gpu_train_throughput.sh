@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU measurement of the training step: transformers baseline and UALM variants, each in
 # its own process, results as JSON under ${OUT:-benchmarks/results}. Usage on a GPU machine:
-#   bash benchmarks/gpu_model_step.sh [extra model_step.py args]
+#   bash benchmarks/gpu_train_throughput.sh [extra train_throughput.py args]
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 run() {  # name, args...
   local name="$1"; shift
   echo "== $name: $*"
-  timeout 300 python benchmarks/model_step.py "$@" --json "$OUT/$name.json" 2>&1 | grep -vE "Warning|warn\(" | tail -6
+  timeout 300 python benchmarks/train_throughput.py "$@" --json "$OUT/$name.json" 2>&1 | grep -vE "Warning|warn\(" | tail -6
 }
 run hf --only hf "$@"
 run ualm_packed --only ualm "$@"

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training-step throughput of UALMModel vs transformers Qwen2ForCausalLM on one device.
 
-    python benchmarks/model_step.py                      # Qwen2.5-1.5B shape, seq 4096, mb 2, bf16, GPU
-    python benchmarks/model_step.py --tiny               # CPU smoke run (CI)
-    python benchmarks/model_step.py --only ualm --attention-backend sdpa
+    python benchmarks/train_throughput.py                      # Qwen2.5-1.5B shape, seq 4096, mb 2, bf16, GPU
+    python benchmarks/train_throughput.py --tiny               # CPU smoke run (CI)
+    python benchmarks/train_throughput.py --only ualm --attention-backend sdpa
 
 Shape (default): Qwen2.5-1.5B decoder (28 layers, 1536 wide, 8960 FFN, 12 query / 2 KV
 heads of 128) with the UALM vocabulary: 256 + 151,936 + 8 x 1025 = 160,392 rows (UALM pads
