@@ -78,7 +78,7 @@ def test_rows_hold_shifted_examples_with_restarting_positions():
     ds = PackedRows([src], [1.0], [5], VOC, RowSettings(seq_length=32, seed=1), num_rows=2)
     row = ds[0]
     seen = 0
-    for slot, (d, doc, n) in enumerate(ds.rows[0]):
+    for slot, (d, doc, n) in enumerate([ds.row_plan(0)][0]):
         ex = layout(docs[doc], VOC)
         sl = slice(seen, seen + n)
         np.testing.assert_array_equal(row["tokens"][sl], ex.tokens[:-1])
@@ -121,3 +121,19 @@ def test_audio_clips_are_collated_with_their_rows():
 def test_all_overlong_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than data.seq_length"):
         PackedRows([MemorySource([text_doc(30, 30)])], [1.0], [0], VOC, RowSettings(seq_length=8), num_rows=1)
+
+
+def test_restart_from_an_anchor_plans_only_from_there_and_gives_the_same_rows():
+    docs = [text_doc(int(n), 2) for n in np.random.default_rng(0).integers(1, 12, 50)]
+    settings = RowSettings(seq_length=40, seed=5, pack_window=16)
+    full = PackedRows([MemorySource(docs), MemorySource(docs[:7])], [0.7, 0.3], [0, 1], VOC, settings, num_rows=10**9)
+    anchor = full.anchor_for(500)
+    assert anchor[0] > 0 and anchor[1] <= 500
+    resumed = PackedRows([MemorySource(docs), MemorySource(docs[:7])], [0.7, 0.3], [0, 1], VOC, settings,
+                         num_rows=10**9, anchor=anchor)
+    for row in (500, 501, 777):
+        assert resumed.row_plan(row) == full.row_plan(row)
+        np.testing.assert_array_equal(resumed[row]["tokens"], full[row]["tokens"])
+    with pytest.raises(IndexError, match="before this plan's anchor"):
+        resumed.row_plan(anchor[1] - 1)
+    assert len(resumed._starts) < len(full._starts)  # nothing before the anchor was planned

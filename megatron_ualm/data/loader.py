@@ -17,14 +17,16 @@ Batch contract (one micro-batch; see ``megatron_ualm/model/batch.py``):
 """
 from __future__ import annotations
 
+import bisect
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
-from megatron_ualm.data.blending import blended_samples
+from megatron_ualm.data.blending import DocumentOrder, blend_slice
 from megatron_ualm.data.packing import PackingStats, pack
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
@@ -54,19 +56,44 @@ class RowSettings:
 class PackedRows(torch.utils.data.Dataset):
     """Rows of ``settings.seq_length`` positions drawn from ``sources`` with ``weights``.
 
-    ``num_rows`` rows are planned (a training run asks for train_iters * global_batch).
-    ``tasks[d]`` is the task id logged for dataset d.
+    Training (``blend=True``): the blended stream is cut into windows of
+    ``settings.pack_window`` examples and each window is packed on its own, so row ``i`` is
+    found by planning windows forward from an anchor; nothing is planned for the whole run
+    up front, and memory stays flat however long the run. A restart passes the anchor saved
+    with its checkpoint (``anchor_for``) and plans only from there.
+    Validation (``blend=False``): every example of every dataset once, packed in order.
+
+    ``num_rows`` is the length the sampler sees (train_iters * global batch; 0 for
+    validation means all). ``tasks[d]`` is the task id logged for dataset d.
     """
 
+    CACHED_WINDOWS = 8
+    MAX_EMPTY_WINDOWS = 64
+
     def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float], tasks: Sequence[int],
-                 vocab: UnifiedVocab, settings: RowSettings, num_rows: int, blend: bool = True):
+                 vocab: UnifiedVocab, settings: RowSettings, num_rows: int, blend: bool = True,
+                 anchor: tuple[int, int] = (0, 0)):
         if not sources:
             raise ValueError("no datasets to read: data.train is empty")
         self.sources, self.tasks, self.vocab, self.settings = list(sources), list(tasks), vocab, settings
+        self.weights, self.blend = list(weights), blend
         # Training positions per document (rows - 1); read from the index when the source can.
         self._lengths = [np.asarray(s.rows(), dtype=np.int64) - 1 if hasattr(s, "rows")
                          else np.full(len(s), -1, dtype=np.int64) for s in sources]
-        self.rows, self.stats = self._plan(list(weights), num_rows, blend)
+        self.stats = PackingStats()
+        if blend:
+            self._order = DocumentOrder([len(src) for src in self.sources], settings.seed)
+            self._first_window = int(anchor[0])
+            self._starts = [int(anchor[1])]  # first row of windows first_window, first_window + 1, ...
+            self._cache: OrderedDict = OrderedDict()
+            self._counted: set = set()
+            self.num_rows = num_rows
+            self.locate(self._starts[0])  # plans the first window: early errors and stats
+        else:
+            self._static = self._plan_all()
+            self.num_rows = num_rows or len(self._static)
+            if len(self._static) < self.num_rows:
+                raise ValueError(f"only {len(self._static)} rows could be planned, {self.num_rows} wanted")
 
     # --- planning -------------------------------------------------------------------------
     def example_length(self, d: int, doc: int) -> int:
@@ -79,8 +106,8 @@ class PackedRows(torch.utils.data.Dataset):
 
     def _stream_lengths(self, order, docs) -> np.ndarray:
         for d in range(len(self.sources)):
-            missing = np.unique(docs[(order == d)][self._lengths[d][docs[order == d]] < 0])
-            for doc in missing:
+            sel = order == d
+            for doc in np.unique(docs[sel][self._lengths[d][docs[sel]] < 0]):
                 self.example_length(d, int(doc))
         out = np.empty(len(order), dtype=np.int64)
         for d in range(len(self.sources)):
@@ -88,42 +115,76 @@ class PackedRows(torch.utils.data.Dataset):
             out[sel] = self._lengths[d][docs[sel]]
         return out
 
-    def _plan(self, weights, num_rows, blend):
+    def _window(self, w: int) -> list:
+        """Rows of window w: lists of (dataset, document, positions used)."""
+        if w in self._cache:
+            self._cache.move_to_end(w)
+            return self._cache[w]
+        s = self.settings
+        owners, samples = blend_slice(self.weights, w * s.pack_window, (w + 1) * s.pack_window)
+        docs = self._order.documents(owners, samples)
+        plan = pack(self._stream_lengths(owners, docs), s.seq_length, s.overlong, s.pack_window, s.packing)
+        rows = [[(int(owners[i]), int(docs[i]), n) for i, n in r] for r in plan.rows]
+        if w not in self._counted:
+            self._counted.add(w)
+            self._add_stats(plan.stats)
+        self._cache[w] = rows
+        if len(self._cache) > self.CACHED_WINDOWS:
+            self._cache.popitem(last=False)
+        return rows
+
+    def _add_stats(self, st: PackingStats):
+        first_drop = not (self.stats.dropped_overlong or self.stats.truncated_overlong)
+        for name in ("examples", "dropped_overlong", "truncated_overlong", "rows", "used_positions",
+                     "total_positions"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(st, name))
+        if first_drop and (st.dropped_overlong or st.truncated_overlong):
+            log.warning("over-long examples (longer than data.seq_length=%d) are %s (data.overlong); "
+                        "the count is in the packing summary", self.settings.seq_length,
+                        "dropped" if self.settings.overlong == "drop" else "truncated")
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(window, offset in that window) of training row ``row``."""
+        if not self.blend:
+            raise TypeError("locate() is for blended training rows")
+        if row < self._starts[0]:
+            raise IndexError(f"row {row} comes before this plan's anchor (row {self._starts[0]}, "
+                             f"window {self._first_window}); resume from an earlier checkpoint")
+        empty = 0
+        while self._starts[-1] <= row:
+            n = len(self._window(self._first_window + len(self._starts) - 1))
+            empty = empty + 1 if n == 0 else 0
+            if empty > self.MAX_EMPTY_WINDOWS:
+                raise ValueError("no example fits a row: every example is longer than data.seq_length "
+                                 f"= {self.settings.seq_length} and data.overlong='drop'")
+            self._starts.append(self._starts[-1] + n)
+        i = bisect.bisect_right(self._starts, row) - 1
+        return self._first_window + i, row - self._starts[i]
+
+    def anchor_for(self, row: int) -> tuple[int, int]:
+        """(window, its first row) from which a restart that reads ``row`` next can plan."""
+        w, offset = self.locate(row)
+        return w, row - offset
+
+    def row_plan(self, index: int) -> list:
+        """The examples of row ``index``: [(dataset, document, positions used)]."""
+        if not self.blend:
+            return self._static[index]
+        w, offset = self.locate(index)
+        return self._window(w)[offset]
+
+    def _plan_all(self) -> list:
         s = self.settings
         sizes = [len(src) for src in self.sources]
-        if blend:
-            n = max(num_rows, 1) * 2
-            while True:
-                order, docs = blended_samples(sizes, weights, n, s.seed)
-                lengths = self._stream_lengths(order, docs)
-                plan = pack(lengths, s.seq_length, s.overlong, s.pack_window, s.packing)
-                # only whole windows are final: a longer stream could change the last one
-                complete = [r for r in plan.rows if max(i for i, _ in r) < (n // s.pack_window) * s.pack_window]
-                if len(complete) >= num_rows or n > 1e9:
-                    break
-                if plan.stats.dropped_overlong == plan.stats.examples:
-                    raise ValueError("no example fits a row: every example is longer than data.seq_length "
-                                     f"= {s.seq_length} and data.overlong='drop'")
-                n *= 2
-            rows = complete[:num_rows]
-        else:  # validation: every example once, in order
-            order = np.concatenate([np.full(sz, d, dtype=np.int64) for d, sz in enumerate(sizes)])
-            docs = np.concatenate([np.arange(sz, dtype=np.int64) for sz in sizes])
-            lengths = self._stream_lengths(order, docs)
-            plan = pack(lengths, s.seq_length, s.overlong, s.pack_window, s.packing)
-            rows = plan.rows[:num_rows] if num_rows else plan.rows
-        self._order, self._docs = order, docs
-        stats = plan.stats
-        if stats.dropped_overlong or stats.truncated_overlong:
-            log.warning("over-long examples (policy %r): %d dropped, %d truncated",
-                        s.overlong, stats.dropped_overlong, stats.truncated_overlong)
-        if len(rows) < num_rows:
-            raise ValueError(f"only {len(rows)} rows could be planned, {num_rows} wanted")
-        return [[(int(order[i]), int(docs[i]), n) for i, n in r] for r in rows], stats
+        order = np.concatenate([np.full(sz, d, dtype=np.int64) for d, sz in enumerate(sizes)])
+        docs = np.concatenate([np.arange(sz, dtype=np.int64) for sz in sizes])
+        plan = pack(self._stream_lengths(order, docs), s.seq_length, s.overlong, s.pack_window, s.packing)
+        self._add_stats(plan.stats)
+        return [[(int(order[i]), int(docs[i]), n) for i, n in r] for r in plan.rows]
 
     # --- building -------------------------------------------------------------------------
     def __len__(self):
-        return len(self.rows)
+        return self.num_rows
 
     def __getitem__(self, index: int) -> dict:
         s = self.settings
@@ -136,7 +197,7 @@ class PackedRows(torch.utils.data.Dataset):
         task_ids = np.full(S, -1, dtype=np.int64)
         clips, clip_rows = [], []
         at = 0
-        for slot, (d, doc, n) in enumerate(self.rows[index]):
+        for slot, (d, doc, n) in enumerate(self.row_plan(index)):
             ex = T.layout(self.sources[d].segments(doc), self.vocab, s.loss_on)
             if s.cfg_dropout_prob > 0 and ex.target_audio_rows is not None:
                 draw = np.random.default_rng([s.seed, index, slot]).random()

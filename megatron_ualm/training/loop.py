@@ -14,6 +14,7 @@ restart from the checkpoint of iteration i continues exactly where the run was.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -215,6 +216,13 @@ def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
     return results
 
 
+def _data_key(cfg) -> str:
+    """What the data plan depends on, to tell whether a saved plan anchor still applies."""
+    d = cfg.data
+    return json.dumps([[(s.path, s.task, s.weight) for s in d.train], d.seq_length, d.seed, d.packing,
+                       d.overlong, cfg.model.num_codebooks])
+
+
 def pretrain(cfg) -> ckpt.TrainState:
     """Run (or resume) the training described by ``cfg`` (a ``UALMConfig``)."""
     p = cfg.parallel
@@ -252,9 +260,14 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
         if runtime.is_rank_zero:
             print(f"[ualm] initialised weights from {cfg.checkpoint.load}", flush=True)
 
-    train_set, valid_sets = build_datasets(cfg, t.train_iters * t.global_batch_size)
+    # The data plan's anchor travels with the checkpoint; a checkpoint of another data setup
+    # (different datasets, weights, seed or row length) must not reuse it.
+    data_key = _data_key(cfg)
+    saved = state.extra.get("data_anchor") if state.extra.get("data_key") == data_key else None
+    train_set, valid_sets = build_datasets(cfg, t.train_iters * t.global_batch_size,
+                                           anchor=tuple(saved) if saved else (0, 0))
     if runtime.is_rank_zero:
-        print(f"[ualm] {train_set.stats.summary()}", flush=True)
+        print(f"[ualm] packing, first window of the stream: {train_set.stats.summary()}", flush=True)
     data = IterationBatches(train_set, cfg, state.iteration, cfg.data.num_workers,
                             pin_memory=runtime.device.type == "cuda")
 
@@ -267,6 +280,8 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
     preemption = PreemptionHandler()
 
     def save(reason: str):
+        state.extra["data_key"] = data_key
+        state.extra["data_anchor"] = list(train_set.anchor_for(state.consumed_rows))
         with params_in_sync(chunks):
             ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
                                  state, cfg, keep_last=cfg.checkpoint.keep_last)

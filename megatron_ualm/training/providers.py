@@ -118,14 +118,18 @@ def open_sources(specs, vocab):
     return [TokenizedDataset(s.path, vocab=vocab, task=s.task) for s in specs]
 
 
-def build_datasets(cfg, num_train_rows: int):
-    """The blended, packed training rows and one validation set per task."""
+def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
+    """The blended, packed training rows and one validation set per task.
+
+    anchor: (window, first row) saved with the checkpoint being resumed (``PackedRows.anchor_for``),
+    so planning starts there instead of at the beginning of the run."""
     vocab = padded_vocab(cfg.model, 1)
     if not cfg.data.train:
         raise ValueError("data.train is empty: list the tokenized datasets to train on "
                          "(e.g. data.train='[{path: data/tok/tta, task: caption_to_audio, weight: 1}]')")
     train = PackedRows(open_sources(cfg.data.train, vocab), [s.weight for s in cfg.data.train],
-                       [TASKS.index(s.task) for s in cfg.data.train], vocab, row_settings(cfg), num_train_rows)
+                       [TASKS.index(s.task) for s in cfg.data.train], vocab, row_settings(cfg), num_train_rows,
+                       anchor=tuple(anchor))
     valid = {}
     by_task = {}
     for s in cfg.data.valid:
