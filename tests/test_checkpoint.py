@@ -298,7 +298,7 @@ def test_unsafe_pickle_is_refused(three_checkpoints, tmp_path):
 
     (path / ".metadata").write_bytes(__import__("pickle").dumps(Evil()))
     with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
-        ckpt._check_safe_to_unpickle(path)
+        ckpt.check_safe_to_unpickle(path)
 
 
 # --- resharding (multi-process) -------------------------------------------------------------

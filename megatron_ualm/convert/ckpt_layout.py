@@ -1,4 +1,4 @@
-"""The training checkpoint layout (``megatron_ualm.training.checkpoint``), as the converters
+"""The training checkpoint layout (``megatron_ualm.training.checkpoint_files``), as the converters
 write and read it.
 
     <experiment>/config.yaml                    resolved run config (written by hf_to_megatron)
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_ualm.convert.errors import ConversionError
-from megatron_ualm.training import checkpoint as train_ckpt
+from megatron_ualm.training import checkpoint_files as train_ckpt
 
 CHECKPOINTS = "checkpoints"
 LATEST = train_ckpt.LATEST_FILE
@@ -41,7 +41,7 @@ def seal(experiment_dir: str, iteration: int, tensor_parallel: int, extra: Optio
                 os.fsync(fh.fileno())
     layout = {"world_size": 1, "tp": tensor_parallel, "pp": 1, "cp": 1, "dp": 1, "vpp": None}
     contents = {"model": True, "optimizer": False, "scheduler": False, "rng": False}
-    manifest = train_ckpt._build_manifest(path, iteration, layout, contents, None)
+    manifest = train_ckpt.build_manifest(path, iteration, layout, contents, None)
     tmp = path / (COMPLETE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path / COMPLETE)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_ualm.fileutil import write_atomic
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
 
@@ -116,13 +117,8 @@ def _commit(tmp_paths: dict[str, str]) -> None:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    write_atomic(path, text.encode("utf-8"), _tmp(path))
 
 
 class DocumentWriter:

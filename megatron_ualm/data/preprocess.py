@@ -42,6 +42,7 @@ from megatron_ualm.data.manifests import (
     DEFAULT_MAX_REJECT_FRACTION, Rejects, RunSummary, detect_kind, iter_manifest,
 )
 from megatron_ualm.data.tokenizer import check_text_vocab, load_tokenizer, tokenizer_identity
+from megatron_ualm.fileutil import sha256_file
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
 
@@ -99,14 +100,6 @@ class Source:
     sha256: str        # manifest content hash, or the shard dataset's fingerprint
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe_inputs(inputs: list[str], kind: str, task: str) -> list[Source]:
     sources = []
     for path in inputs:
@@ -117,12 +110,12 @@ def describe_inputs(inputs: list[str], kind: str, task: str) -> list[Source]:
                 raise FileNotFoundError(f"{path}: a directory input must be an audio shard dataset "
                                         "(index.json missing; build it with data_tools/build_shards.py)")
             with open(index, encoding="utf-8") as f:
-                fp = json.load(f).get("fingerprint") or _sha256(index)
+                fp = json.load(f).get("fingerprint") or sha256_file(index)
             src = Source(path, "shards", fp)
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such manifest")
         else:
-            src = Source(path, detect_kind(path) if kind == "auto" else kind, _sha256(path))
+            src = Source(path, detect_kind(path) if kind == "auto" else kind, sha256_file(path))
         if (task == "text_only") != (src.kind == "text"):
             need = "a text-only JSONL" if task == "text_only" else "ETTA/AF3 manifests or audio shards"
             raise ValueError(f"{path}: {src.kind} input cannot feed task {task}; it needs {need}")

@@ -36,7 +36,6 @@ Dataset index (``index.json``)::
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -44,20 +43,13 @@ from collections import OrderedDict
 import numpy as np
 
 from megatron_ualm.audio.io import SAMPLE_RATE, decode_bytes
+from megatron_ualm.fileutil import sha256_file
 
 FORMAT_VERSION = 1
 
 
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_shard_index(dataset_dir: str, k: int) -> dict:

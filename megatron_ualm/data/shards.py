@@ -39,8 +39,9 @@ from megatron_ualm.data.manifests import (
     detect_kind, iter_manifest,
 )
 from megatron_ualm.data.shard_reader import (
-    FORMAT_VERSION, ShardReader, shard_name, sha256_file, verify_shard,
+    FORMAT_VERSION, ShardReader, shard_name, verify_shard,
 )
+from megatron_ualm.fileutil import sha256_file, write_atomic
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "BuildResult", "ShardReader", "build_shards",
            "sample_key", "verify_shard"]
@@ -58,12 +59,7 @@ def sample_key(ordinal: int) -> str:
 # ----------------------------------------------------------------------------- file helpers
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}{_TMP_MARK}{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, f"{path}{_TMP_MARK}{os.getpid()}")
 
 
 def _json_bytes(obj) -> bytes:
