@@ -9,6 +9,9 @@
 # Launch modes (LAUNCHER):
 #   srun     (default) one Slurm task per GPU; ranks come from SLURM_PROCID/SLURM_LOCALID.
 #   torchrun one Slurm task per node running torchrun with a c10d rendezvous on the first node.
+#            On the preemption signal torchrun stops its workers itself (SIGTERM, then SIGKILL
+#            after its grace period), so a large checkpoint may not finish: prefer srun when
+#            jobs are preempted.
 # Preemption: Slurm sends SIGUSR1 (--signal) ahead of the time limit; the trainer saves a
 # checkpoint and exits with REQUEUE_EXIT_CODE, and this script then requeues the job. On
 # restart the trainer resumes from the newest complete checkpoint in the experiment dir.
