@@ -169,3 +169,11 @@ def test_overlapped_grad_reduce_and_param_gather_match_the_plain_run(data, tmp_p
     assert list(overlap) == [1, 2, 3]
     for step in plain:
         assert overlap[step] == pytest.approx(plain[step], rel=1e-6), step
+
+
+def test_interleaved_pipeline_is_refused_until_supported(data, tmp_path):
+    from megatron_ualm.training.providers import build_model
+    cfg = tiny_config(str(data), str(tmp_path / "run"), "model.num_layers=4", "parallel.pipeline_parallel=2",
+                      "parallel.virtual_pipeline_parallel=2")
+    with pytest.raises(ValueError, match="virtual_pipeline_parallel: the interleaved pipeline schedule"):
+        build_model(cfg, runtime=None)
