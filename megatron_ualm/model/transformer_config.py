@@ -83,6 +83,13 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        # The interleaved schedule sends activations forward and gradients backward in one
+        # exchange. megatron's batched p2p (batch_isend_irecv, the default) posts send_prev
+        # before send_next while the receiver posts recv_prev before recv_next: with PP=2
+        # the previous and next stage are the same rank, so the two same-shaped messages
+        # match the wrong receives (gloo and ordered transports) and a stage gets a gradient
+        # as its input. The unbatched path orders them per rank parity and uses two groups.
+        batch_p2p_comm=vpp is None,
         sequence_parallel=sp,
         params_dtype=dtype,
         pipeline_dtype=dtype,

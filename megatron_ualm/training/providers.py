@@ -50,11 +50,6 @@ def freeze(model, patterns) -> list[str]:
 def build_model(cfg, runtime):
     """Model chunks of this rank (one per virtual pipeline stage), wrapped in Float16Module
     (bf16) and Megatron DDP with fp32 gradient buffers."""
-    if cfg.parallel.virtual_pipeline_parallel is not None:
-        # The chunks build and run, but resuming a checkpoint at PP=2 x VPP=2 gave another loss
-        # than at PP=2 alone; refuse rather than train silently wrong.
-        raise ValueError("parallel.virtual_pipeline_parallel: the interleaved pipeline schedule is not "
-                         "supported by the trainer yet; allowed: null")
     tconfig = transformer_config_from(cfg.model, cfg.parallel, cfg.training.precision,
                                       use_cpu_initialization=runtime.is_cpu)
     # The loss is a sum over targets divided once by the global target count (SPEC section 5):
