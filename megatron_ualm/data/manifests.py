@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -123,10 +124,13 @@ def _get(obj: dict, name: str, types, required: bool = True, default=None):
     return value
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape decodes a non-UTF-8 byte to
+
+
 def _has_surrogates(value) -> bool:
     """True when a decoded value still holds bytes that were not UTF-8 (surrogateescape)."""
     if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
+        return _SURROGATE.search(value) is not None
     if isinstance(value, dict):
         return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
     if isinstance(value, list):
@@ -283,8 +287,8 @@ def _starts_with_list(path: str) -> bool:
     return head[:1] == b"["
 
 
-def iter_text(path: str | os.PathLike) -> Iterator[TextRecord | Reject]:
-    """Text-only JSONL -> TextRecord / Reject, in file order."""
+def _iter_jsonl_records(path, parse) -> Iterator:
+    """One record (``parse(path, line, obj)``) or Reject per non-blank JSONL line, in file order."""
     path = os.path.abspath(path)
     for item in _iter_jsonl_objects(path):
         if isinstance(item, Reject):
@@ -292,9 +296,14 @@ def iter_text(path: str | os.PathLike) -> Iterator[TextRecord | Reject]:
             continue
         line, value = item
         try:
-            yield _parse_text(path, line, _check_object(path, line, value))
+            yield parse(path, line, _check_object(path, line, value))
         except _Bad as e:
             yield Reject(path, line, e.reason, e.message)
+
+
+def iter_text(path: str | os.PathLike) -> Iterator[TextRecord | Reject]:
+    """Text-only JSONL -> TextRecord / Reject, in file order."""
+    return _iter_jsonl_records(path, _parse_text)
 
 
 def iter_af3(path: str | os.PathLike) -> Iterator[UnderstandingRecord | Reject]:
@@ -314,16 +323,7 @@ def iter_af3(path: str | os.PathLike) -> Iterator[UnderstandingRecord | Reject]:
 
 def iter_etta(path: str | os.PathLike) -> Iterator[GenerationRecord | Reject]:
     """ETTA JSONL -> GenerationRecord / Reject, in file order."""
-    path = os.path.abspath(path)
-    for item in _iter_jsonl_objects(path):
-        if isinstance(item, Reject):
-            yield item
-            continue
-        line, value = item
-        try:
-            yield _parse_etta(path, line, _check_object(path, line, value))
-        except _Bad as e:
-            yield Reject(path, line, e.reason, e.message)
+    return _iter_jsonl_records(path, _parse_etta)
 
 
 def detect_kind(path: str | os.PathLike) -> str:
