@@ -41,16 +41,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FULL = dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, num_query_groups=2,
-            kv_channels=128, text_vocab_size=151_936, num_codebooks=8, codebook_size=1024)
-TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-            kv_channels=16, text_vocab_size=300, num_codebooks=4, codebook_size=16)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from train_throughput import FULL, TINY, sync  # noqa: E402  (same shapes as the training benchmark)
 
 
 def build_ualm(shape: dict, precision: str, device, max_positions: int):

@@ -55,14 +55,10 @@ def sync(device):
 
 
 def model_flops_per_token(shape: dict, vocab_rows: int, seq_len: int) -> float:
-    """6 * (non-embedding + head params) + 6 * L * hidden * S."""
-    h, f, L = shape["hidden_size"], shape["ffn_hidden_size"], shape["num_layers"]
-    d, nq, nkv = shape["kv_channels"], shape["num_attention_heads"], shape["num_query_groups"]
-    attn = h * (nq + 2 * nkv) * d + (nq + 2 * nkv) * d + nq * d * h  # qkv (+bias), o
-    mlp = 3 * h * f
-    per_layer = attn + mlp + 2 * h
-    params = L * per_layer + h + vocab_rows * h  # + final norm + head
-    return 6.0 * params + 6.0 * L * h * seq_len
+    """The trainer's formula (training/metrics.py) for a shape dict of this script."""
+    from megatron_ualm.training.metrics import model_flops_per_token as flops
+    return flops(shape["num_layers"], shape["hidden_size"], shape["ffn_hidden_size"], shape["num_attention_heads"],
+                 shape["num_query_groups"], shape["kv_channels"], vocab_rows, seq_len)
 
 
 def synthetic_ualm_batch(vocab, batch: int, seq_len: int, device, generator: torch.Generator,

@@ -18,12 +18,14 @@ DEFAULT_PEAK_TFLOPS = 989.0
 
 def model_flops_per_token(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_heads: int,
                           num_query_groups: int, head_dim: int, vocab_rows: int, seq_length: int) -> float:
-    """Training FLOPs per token of a Qwen2-style decoder with an untied head of vocab_rows."""
-    q = hidden_size * num_heads * head_dim
-    kv = 2 * hidden_size * num_query_groups * head_dim
-    o = num_heads * head_dim * hidden_size
+    """Training FLOPs per token of a Qwen2-style decoder with an untied head of vocab_rows.
+    Non-embedding parameters count QKV (with its bias), the output projection, the SwiGLU MLP
+    and the norms; the benchmarks and the trainer both use this one formula."""
+    qkv_width = (num_heads + 2 * num_query_groups) * head_dim
+    attention_params = hidden_size * qkv_width + qkv_width + num_heads * head_dim * hidden_size
     mlp = 3 * hidden_size * ffn_hidden_size
-    params = num_layers * (q + kv + o + mlp) + vocab_rows * hidden_size
+    per_layer = attention_params + mlp + 2 * hidden_size  # + input and pre-MLP norms
+    params = num_layers * per_layer + hidden_size + vocab_rows * hidden_size  # + final norm, head
     attention = 6 * num_layers * num_heads * head_dim * seq_length
     return 6.0 * params + attention
 
