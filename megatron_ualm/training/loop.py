@@ -54,9 +54,8 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def report_vector(ce, correct, weights, task_ids) -> torch.Tensor:
+def report_vector(numerator, denominator, ce, correct, weights, task_ids) -> torch.Tensor:
     """Dense sums of one micro-batch: REPORT_KEYS, then per stream k (CE sum, targets)."""
-    numerator, denominator = loss_sums(ce, weights)
     m = loss_metrics(ce, correct, weights, task_ids)
     values = [numerator.detach(), denominator] + [m[k] for k in BASE_KEYS[2:]]
     for kind in ("loss_sum", "count"):
@@ -71,7 +70,8 @@ def report_vector(ce, correct, weights, task_ids) -> torch.Tensor:
 
 def loss_func(batch, output):
     numerator, denominator = loss_sums(output.ce, batch["loss_weights"])
-    vector = report_vector(output.ce, output.correct, batch["loss_weights"], batch.get("task_ids"))
+    vector = report_vector(numerator, denominator, output.ce, output.correct, batch["loss_weights"],
+                           batch.get("task_ids"))
     return numerator, denominator.to(torch.int), {"report": vector}
 
 

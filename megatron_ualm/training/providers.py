@@ -151,13 +151,3 @@ def is_logging_rank() -> bool:
     return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0)
-
-
-def count_parameters(chunks) -> dict:
-    total = trainable = 0
-    for c in chunks:
-        for p in unwrap(c).parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    t = torch.tensor([total, trainable], dtype=torch.float64)
-    return {"parameters_local": int(t[0]), "trainable_local": int(t[1])}
