@@ -13,6 +13,7 @@ SMOKE = {
     "codec_throughput": ["--tiny", "--clips", "2", "--seconds", "1"],
     "profile_step": ["--tiny", "--steps", "1"],
     "build_shards": ["--clips", "8"],
+    "data_plan": ["--rows", "100000", "--locate", "1000"],
     "preprocess_text": ["--docs", "200"],
 }
 
