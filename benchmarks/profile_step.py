@@ -143,6 +143,11 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
                 cur_e = max(cur_e, e)
         busy += cur_e - cur_s
         window = last - first
+    try:
+        gaps = idle_gaps(events, spans)
+    except Exception as e:  # the breakdown above stays useful without the gap analysis
+        print(f"idle-gap analysis failed: {e!r}", file=sys.stderr)
+        gaps = {"by_phase": {}, "largest": []}
     total_kernel = sum(cats.values())
     per_step = {k: v / steps / 1e3 for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
@@ -154,7 +159,67 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
         "idle_ms_per_step": (window - busy) / steps / 1e3,
         "top_kernels": [{"name": n[:160], "ms_per_step": v[0] / steps / 1e3, "calls_per_step": v[1] / steps,
                          "category": v[2]} for n, v in top],
+        "idle_ms_per_step_by_phase": {k: v / steps / 1e3 for k, v in sorted(
+            gaps["by_phase"].items(), key=lambda kv: -kv[1])},
+        "largest_gaps": gaps["largest"],
     }
+
+
+PHASES = ("ualm.zero_grad", "ualm.forward", "ualm.loss", "ualm.backward", "ualm.finalize_grads", "ualm.optimizer")
+
+
+def idle_gaps(events, spans, min_us: float = 20.0, top: int = 25) -> dict:
+    """Where the GPU waits for the CPU: each gap between busy device intervals is charged to
+    the step phase (``PHASES``) the CPU was in when the gap ended (when the next kernel got
+    launched), and the largest gaps are listed with the innermost CPU op running at their
+    middle (what the CPU was busy with) and the kernels either side."""
+    from torch.autograd import DeviceType
+    if not spans:
+        return {"by_phase": {}, "largest": []}
+    intervals, cur_s, cur_e = [], spans[0][0], spans[0][1]
+    for s_, e_ in spans[1:]:
+        if s_ > cur_e:
+            intervals.append((cur_s, cur_e))
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    intervals.append((cur_s, cur_e))
+    gaps = [(b[0] - a[1], a[1], b[0]) for a, b in zip(intervals, intervals[1:]) if b[0] - a[1] >= min_us]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    phases = [e for e in cpu if e.name in PHASES]
+
+    def phase_at(t):
+        for e in phases:
+            if e.time_range.start <= t <= e.time_range.end:
+                return e.name
+        return "between steps / outside phases"
+
+    def innermost_at(t):
+        best = None
+        for e in cpu:
+            r = e.time_range
+            if r.start <= t <= r.end and (best is None or r.end - r.start < best.time_range.end - best.time_range.start):
+                best = e
+        return best
+
+    def kernel_near(t, before):
+        cands = [e for e in events if e.device_type == DeviceType.CUDA and
+                 (abs(e.time_range.end - t) < 1 if before else abs(e.time_range.start - t) < 1)]
+        return cands[0].name[:70] if cands else "?"
+
+    by_phase: dict[str, float] = defaultdict(float)
+    for length, g0, g1 in gaps:
+        by_phase[phase_at(g1)] += length
+    largest = []
+    for length, g0, g1 in sorted(gaps, reverse=True)[:top]:
+        op = innermost_at((g0 + g1) / 2)
+        chain, e = [], op
+        while e is not None and len(chain) < 4:
+            chain.append(e.name[:50])
+            e = e.cpu_parent
+        largest.append({"us": round(length, 1), "phase": phase_at(g1), "cpu_ops": " < ".join(chain),
+                        "kernel_before": kernel_near(g0, True), "kernel_after": kernel_near(g1, False)})
+    return {"by_phase": dict(by_phase), "largest": largest}
 
 
 def print_breakdown(b: dict, title: str) -> None:
@@ -164,15 +229,53 @@ def print_breakdown(b: dict, title: str) -> None:
     print(f"  {'kernels total':45s} {b['kernel_ms_per_step']:8.2f}")
     print(f"  {'GPU busy (union)':45s} {b['gpu_busy_ms_per_step']:8.2f}")
     print(f"  {'GPU idle (waiting for the CPU)':45s} {b['idle_ms_per_step']:8.2f}")
+    print("-- GPU idle by step phase (ms; the phase the CPU was in when work resumed) --")
+    for k, v in b.get("idle_ms_per_step_by_phase", {}).items():
+        print(f"  {k:45s} {v:8.2f}")
+    print("-- largest idle gaps (us, phase, CPU op at the gap's middle < its parents) --")
+    for g in b.get("largest_gaps", [])[:15]:
+        print(f"  {g['us']:8.0f} {g['phase']:20s} {g['cpu_ops'][:110]}")
+        print(f"  {'':8s} {'':20s} after {g['kernel_before'][:45]} | before {g['kernel_after'][:45]}")
     print(f"-- top kernels --")
     for t in b["top_kernels"][:20]:
         print(f"  {t['ms_per_step']:7.2f} ms {t['calls_per_step']:6.0f}x  [{t['category'][:22]:22s}] {t['name'][:90]}")
+
+
+def find_syncs(step, device) -> list:
+    """Run one step with torch's CUDA sync debug mode on and return each place (Python stack,
+    innermost frames first) that made the host wait for the device, with its count."""
+    import traceback
+    import warnings
+    sites: dict[str, int] = defaultdict(int)
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+        where = " < ".join(f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else os.path.basename(f.filename)}"
+                           f":{f.lineno}" for f in reversed(frames[-5:]))
+        sites[where] += 1
+
+    ms.sync(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(0)
+            ms.sync(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    return sorted(([n, w] for w, n in sites.items()), reverse=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4096x2:packed", help="comma list of SEQxMB:packed|unpacked")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile-steps", type=int, default=2, help="0: no profile")
     p.add_argument("--attention-backend", default="auto")
@@ -181,9 +284,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-fused-ce", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-fast-optimizer", action="store_true")
+    p.add_argument("--no-wgrad-fusion", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny shape on CPU (smoke test of this script)")
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="also list where one step makes the host wait for the GPU (CUDA only)")
     a = p.parse_args(argv)
     device = torch.device("cpu" if a.tiny else "cuda")
 
@@ -197,7 +303,8 @@ def main(argv=None) -> int:
     args = SimpleNamespace(bf16=True, seq_length=max(s for s, _, _ in shapes), micro_batch=shapes[0][1],
                            attention_backend=a.attention_backend, recompute=a.recompute, optimizer="megatron",
                            reference=a.reference, no_fused_ce=a.no_fused_ce, no_compile=a.no_compile,
-                           no_fast_optimizer=a.no_fast_optimizer, steps=a.steps, warmup=a.warmup,
+                           no_fast_optimizer=a.no_fast_optimizer,
+                           no_wgrad_fusion=a.no_wgrad_fusion, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
                            min_doc=256, max_doc=2048)
     shape = ms.TINY if a.tiny else ms.FULL
     args.bf16 = not a.tiny
@@ -245,6 +352,11 @@ def main(argv=None) -> int:
             print_breakdown(r["breakdown"], f"{seq}x{mb} {kind}")
             if a.trace:
                 prof.export_chrome_trace(a.trace)
+            if a.sync_debug and device.type == "cuda":
+                r["syncs"] = find_syncs(step, device)
+                print(f"-- host syncs in one step: {sum(n for n, _ in r['syncs'])} --")
+                for n, where in r["syncs"][:20]:
+                    print(f"  {n:4d}x  {where[:150]}")
         results["runs"][f"{seq}x{mb}:{kind}"] = r
         batches = step = base_step = None
     if a.json:

@@ -10,14 +10,15 @@ heads of 128) with the UALM vocabulary: 256 + 151,936 + 8 x 1025 = 160,392 rows 
 to a multiple of 128), untied head, K = 8 streams, C = 1024; no audio encoder (continuous
 audio is a small, frozen side cost; see ENVIRONMENT.md for the encoder's throughput).
 
-One step = forward + backward + AdamW update.
+One step = forward + backward (of ``--accumulate`` micro-batches) + AdamW update.
 * UALM: megatron's Float16Module (bf16 weights), DDP with fp32 gradient buffers and the
   distributed optimizer (fp32 master weights), as training runs it. Synthetic packed rows:
   examples of 256..2048 rows, ~75% text rows (stream-0 loss) and ~25% discrete audio rows
   (all K streams, weight 1/K), positions restart per example (packed attention).
   ``--optimizer torch`` instead keeps bf16 weights and uses torch's fused AdamW, like the
   HF baseline. ``--reference`` turns off the speed-ups (fused head CE, compiled fusions,
-  fast optimizer paths; also one at a time with ``--no-*``) to measure what they give.
+  fast optimizer paths, weight gradients accumulated in the GEMM; also one at a time with
+  ``--no-*``) to measure what they give.
 * HF: Qwen2ForCausalLM, sdpa attention, bf16 weights, fused torch AdamW, the same vocabulary
   size, one causal sequence per row, next-token CE.
 
@@ -120,7 +121,9 @@ def build_ualm(args, shape, device):
     cfg = ModelConfig(**shape, max_position_embeddings=max(args.seq_length, 32768),
                       attention_backend=args.attention_backend, recompute=args.recompute,
                       encoder=EncoderConfig(kind="none"))
-    config = transformer_config_from(cfg, None, precision, use_cpu_initialization=device.type == "cpu")
+    wgrad = args.optimizer == "megatron" and not (reference or getattr(args, "no_wgrad_fusion", False))
+    config = transformer_config_from(cfg, None, precision, use_cpu_initialization=device.type == "cpu",
+                                     wgrad_fusion=wgrad)
     model = UALMModel(cfg, config).to(device)
     if reference or getattr(args, "no_fused_ce", False):
         model.head.fused_ce = False
@@ -138,18 +141,23 @@ def build_ualm(args, shape, device):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1,
                                 fused=device.type == "cuda")
 
+    accumulate = getattr(args, "accumulate", 1)
+
     def make_step(batches):
         def step(i):  # the scopes name profiler ranges (profile_step.py); no-ops otherwise
-            b = batches[i % len(batches)]
             with scope("ualm.zero_grad"):
                 if args.optimizer == "megatron":
                     ddp.zero_grad_buffer()
                 opt.zero_grad()
-            out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
-                      loss_weights=b["loss_weights"])
-            with scope("ualm.loss"):
-                loss = ualm_loss(out.ce, b["loss_weights"])
-            loss.backward()
+            for j in range(accumulate):
+                b = batches[(i * accumulate + j) % len(batches)]
+                with scope("ualm.forward"):
+                    out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
+                              loss_weights=b["loss_weights"])
+                with scope("ualm.loss"):
+                    loss = ualm_loss(out.ce, b["loss_weights"])
+                with scope("ualm.backward"):
+                    loss.backward()
             with scope("ualm.finalize_grads"):
                 if args.optimizer == "megatron":
                     finalize_model_grads([ddp])
@@ -195,11 +203,14 @@ def run_hf(args, shape, device, vocab_rows: int) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, vocab_rows, (args.micro_batch, args.seq_length), generator=g).to(device) for _ in range(2)]
 
+    accumulate = getattr(args, "accumulate", 1)
+
     def step(i):
-        x = ids[i % len(ids)]
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        for j in range(accumulate):
+            x = ids[(i * accumulate + j) % len(ids)]
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
         opt.step()
         return loss
 
@@ -220,7 +231,7 @@ def _time(step, args, device) -> dict:
         loss = step(i)
     sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
-    tokens = args.micro_batch * args.seq_length
+    tokens = args.micro_batch * args.seq_length * getattr(args, "accumulate", 1)
     return {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
 
 
@@ -230,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation), for both models")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flex", "te", "unfused"])
@@ -241,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-fused-ce", action="store_true", help="head CE through materialised logits")
     p.add_argument("--no-compile", action="store_true", help="eager RMSNorm / SwiGLU / RoPE")
     p.add_argument("--no-fast-optimizer", action="store_true", help="megatron's fallback optimizer paths")
+    p.add_argument("--no-wgrad-fusion", action="store_true",
+                   help="bf16 weight gradients added into main_grad by DDP's hook (no accumulation in the GEMM)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")
@@ -265,7 +280,7 @@ def main(argv=None) -> int:
     vocab = padded_vocab(ModelConfig(**shape), tensor_parallel=1)
     flops = model_flops_per_token(shape, vocab.size, args.seq_length)
     print(f"shape {shape}\nvocabulary {vocab.size} rows ({vocab.padded_size} padded), seq {args.seq_length}, "
-          f"micro-batch {args.micro_batch}, {'bf16' if args.bf16 else 'fp32'}, device {device}"
+          f"micro-batch {args.micro_batch} x {args.accumulate} per step, {'bf16' if args.bf16 else 'fp32'}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"model FLOPs/token = 6*(non-embedding + head params) + 6*L*hidden*S = {flops / 1e9:.2f} GFLOP")
     results = {}

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = {
     "generate_throughput": ["--tiny"],
     "codec_throughput": ["--tiny", "--clips", "2", "--seconds", "1"],
-    "profile_step": ["--tiny", "--steps", "1"],
+    "profile_step": ["--tiny", "--steps", "1", "--accumulate", "2"],
     "build_shards": ["--clips", "8"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],
     "preprocess_text": ["--docs", "200"],

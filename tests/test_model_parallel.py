@@ -47,7 +47,8 @@ def _batch(vocab, seq_len):
 SHAPE = dict(codebook_size=255)
 
 
-def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = "codebook") -> dict:
+def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = "codebook",
+         wgrad_fusion: bool = False) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_ualm.config import ParallelConfig
@@ -60,7 +61,8 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
     rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, device="cpu", seed=7)
     cfg = tiny_model_cfg(recompute=recompute, audio_head=audio_head, **SHAPE)
     config = transformer_config_from(cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                                                         sequence_parallel=sp), "fp32")
+                                                         sequence_parallel=sp), "fp32",
+                                     wgrad_fusion=wgrad_fusion)
     model = build_ualm_model(cfg, config)
     vocab = model.vocab
     full = _full_state(cfg)
@@ -92,6 +94,8 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
                                 num_microbatches=1, seq_length=48, micro_batch_size=2, forward_only=False)
     finalize_model_grads([ddp])
     grads = {}
+    # weights whose gradient the linear layer accumulated into main_grad itself (wgrad_fusion.py)
+    fused = sorted(n for n, p in model.named_parameters() if getattr(p, "grad_added_to_main_grad", False))
     for name, p in model.named_parameters():
         if p.requires_grad:
             grads[name] = p.main_grad.detach().clone()
@@ -101,7 +105,7 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     shutdown_runtime()
     return {"tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "loss": out.get("loss"), "grads": grads,
-            "frozen": frozen, "vocab_size": vocab.size}
+            "frozen": frozen, "vocab_size": vocab.size, "fused": fused}
 
 
 def _assemble(results):
@@ -151,6 +155,19 @@ def baseline():
 @pytest.fixture(scope="module")
 def baseline_all_audio():
     return run_distributed(_run, 1, 1, 1, False, "none", "all_audio")
+
+
+def test_weight_gradients_accumulated_in_the_gemm_match(baseline):
+    """gradient_accumulation_fusion (wgrad_fusion.py) at TP=1 and TP=2 + SP gives the plain
+    bf16-free gradients, and every decoder linear weight went through the fused path."""
+    assert not baseline[0]["fused"]
+    for results in (run_distributed(_run, 1, 1, 1, False, "none", "codebook", True),
+                    run_distributed(_run, 2, 2, 1, True, "none", "codebook", True)):
+        _compare(results, baseline)
+        for r in results:
+            linear = [n for n in r["grads"] if n.startswith("decoder.layers.") and
+                      n.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight"))]
+            assert linear and set(linear) <= set(r["fused"]), sorted(set(linear) - set(r["fused"]))
 
 
 def test_tensor_parallel_matches_single_process(baseline):

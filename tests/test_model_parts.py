@@ -227,7 +227,7 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "train_throughput.py"), "--tiny", "--steps", "1",
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "train_throughput.py"), "--tiny", "--steps", "1", "--accumulate", "2",
                     "--warmup", "1", "--json", str(out)], check=True, cwd=root, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"ualm", "hf"} and all(r["tokens_per_s"] > 0 for r in results.values())

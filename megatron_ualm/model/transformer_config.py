@@ -25,7 +25,8 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32", *,
                             use_cpu_initialization: Optional[bool] = None,
-                            perform_initialization: bool = True) -> TransformerConfig:
+                            perform_initialization: bool = True,
+                            wgrad_fusion: bool = False) -> TransformerConfig:
     """Build the megatron ``TransformerConfig`` of the UALM decoder.
 
     model_cfg: ``megatron_ualm.config.ModelConfig`` (sizes, init std, recompute, backend).
@@ -33,6 +34,9 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
     precision: "bf16" | "fp16" | "fp32"; sets ``params_dtype``/``pipeline_dtype`` and the
         bf16/fp16 flags megatron's ``Float16Module`` and optimizer read.
     use_cpu_initialization: create and initialise weights on CPU; default: when CUDA is absent.
+    wgrad_fusion: linear layers accumulate weight gradients straight into the fp32
+        ``main_grad`` buffers (``wgrad_fusion.py``); only for models wrapped in megatron's DDP,
+        whose trainable weights all have ``main_grad``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {sorted(PRECISIONS)}")
@@ -46,6 +50,9 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         raise NotImplementedError("context parallelism is not implemented for the UALM model")
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
+    if wgrad_fusion:
+        from megatron_ualm.model import wgrad_fusion as _wgrad
+        _wgrad.install()
 
     kv_channels = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
     recompute = dict(recompute_granularity=None)
@@ -79,7 +86,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=wgrad_fusion,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,

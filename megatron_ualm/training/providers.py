@@ -50,8 +50,9 @@ def freeze(model, patterns) -> list[str]:
 def build_model(cfg, runtime):
     """Model chunks of this rank (one per virtual pipeline stage), wrapped in Float16Module
     (bf16) and Megatron DDP with fp32 gradient buffers."""
+    # every trainable weight gets a DDP main_grad below, so weight gradients accumulate into it
     tconfig = transformer_config_from(cfg.model, cfg.parallel, cfg.training.precision,
-                                      use_cpu_initialization=runtime.is_cpu)
+                                      use_cpu_initialization=runtime.is_cpu, wgrad_fusion=True)
     # The loss is a sum over targets divided once by the global target count (SPEC section 5):
     # megatron then scales gradients by 1 / (stream-0 targets across micro-batches and DP).
     tconfig.calculate_per_token_loss = True
