@@ -117,15 +117,19 @@ def bench_ualm(model, args, device, batch: int) -> list[dict]:
     return results
 
 
-def bench_hf(shape: dict, vocab_rows: int, args, device, dtype, batch: int, new_tokens: int, name: str) -> dict:
+def build_hf(shape: dict, vocab_rows: int, max_positions: int, device, dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     config = Qwen2Config(vocab_size=vocab_rows, hidden_size=shape["hidden_size"],
                          intermediate_size=shape["ffn_hidden_size"], num_hidden_layers=shape["num_layers"],
                          num_attention_heads=shape["num_attention_heads"],
                          num_key_value_heads=shape["num_query_groups"], head_dim=shape["kv_channels"],
-                         max_position_embeddings=args.prompt_rows + new_tokens + 8, tie_word_embeddings=False,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False,
                          rope_theta=1e6, attn_implementation="sdpa", pad_token_id=0, eos_token_id=None)
-    model = Qwen2ForCausalLM(config).to(device, dtype).eval()
+    with torch.device(device):  # initialise on the device (1.8B parameters)
+        return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def bench_hf(model, vocab_rows: int, args, device, batch: int, new_tokens: int, name: str) -> dict:
     ids = torch.randint(300, min(vocab_rows, 30_000), (batch, args.prompt_rows), device=device)
     mask = torch.ones_like(ids)
 
@@ -135,7 +139,6 @@ def bench_hf(shape: dict, vocab_rows: int, args, device, dtype, batch: int, new_
                                   min_new_tokens=new_tokens, do_sample=False)
     secs, out = timed(run, args.warmup, device)
     made = (out.shape[1] - ids.shape[1]) * batch
-    del model
     return {"bench": name, "batch": batch, "new_tokens_per_request": made // batch, "seconds": secs,
             "tokens_per_s": made / secs}
 
@@ -182,12 +185,14 @@ def main(argv=None):
         from megatron_ualm.config import ModelConfig
         vocab_rows = vocab_rows or padded_vocab(ModelConfig(**shape), 1).padded_size
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        hf = build_hf(shape, vocab_rows, max_positions, device, dtype)
         for b in args.batch_sizes:
             for name, bb, n in (("hf_text", b, args.text_tokens),
                                 ("hf_cfg_rows", 2 * b, frames + shape["num_codebooks"] + 1)):
-                r = bench_hf(shape, vocab_rows, args, device, dtype, bb, n, name)
+                r = bench_hf(hf, vocab_rows, args, device, bb, n, name)
                 print(json.dumps(r), flush=True)
                 results.append(r)
+        del hf
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "shape": shape, "args": vars(args), "results": results}, f, indent=2)

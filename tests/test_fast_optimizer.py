@@ -77,3 +77,51 @@ def test_use_fused_adam_leaves_cpu_optimizers_alone():
         optimizer = opt
     assert fo.use_fused_adam(Wrapper()) == 0
     assert not opt._optimizer_step_pre_hooks
+
+
+def _param_copies(_):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import build_ualm_model
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    from model_batches import tiny_model_cfg
+
+    init_runtime(device="cpu", seed=3)
+    cfg = tiny_model_cfg()
+    config = transformer_config_from(cfg, None, "bf16")
+    model = Float16Module(config, build_ualm_model(cfg, config))
+    ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
+                                                 use_distributed_optimizer=True), [ddp])
+    assert fo.use_foreach_param_copy(opt) == 1
+    opt = getattr(opt, "chained_optimizers", [opt])[0]
+    mains = [p for g in opt.shard_fp32_from_float16_groups for p in g]
+    g = torch.Generator().manual_seed(0)
+    values = [[torch.randn(p.shape, generator=g) for p in mains] for _ in range(2)]
+
+    def run(copy, which):
+        for p, v in zip(mains, values[which]):
+            p.data.copy_(v)
+        copy()
+        return [p.detach().clone() for p in model.parameters()]
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    original = DistributedOptimizer._copy_main_params_to_model_params.__get__(opt)
+    want = [run(original, 0), run(original, 1)]
+    got = [run(opt._copy_main_params_to_model_params, 0), run(opt._copy_main_params_to_model_params, 1)]
+    shutdown_runtime()
+    return {"want": want, "got": got, "count": len(mains)}
+
+
+def test_foreach_param_copy_gives_megatron_copies():
+    from dist_utils import run_distributed
+    (r,) = run_distributed(_param_copies, 1, None)
+    assert r["count"] > 10
+    for want, got in zip(r["want"], r["got"]):
+        assert len(want) == len(got)
+        for a, b in zip(want, got):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(r["want"][0], r["want"][1]))

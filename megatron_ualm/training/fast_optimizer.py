@@ -17,7 +17,9 @@ Without them megatron-core (0.16 - 0.19) falls back to
 * runs the inner torch Adam/AdamW with ``fused=True`` when all its parameters are CUDA tensors
   (one kernel per tensor group, same update rule). The flag is (re)applied by a step pre-hook,
   which also moves each parameter's ``step`` count to its device as the fused kernel needs
-  (a checkpoint load may leave CPU ``step`` tensors, ``checkpoint._load_optimizer_state``).
+  (a checkpoint load may leave CPU ``step`` tensors, ``checkpoint._load_optimizer_state``);
+* copies the updated fp32 main parameters into the bf16 model weights with one
+  ``torch._foreach_copy_`` instead of a Python loop of ``copy_`` launches.
 """
 from __future__ import annotations
 
@@ -117,8 +119,46 @@ def use_fused_adam(optimizer) -> int:
     return count
 
 
+# --- main (fp32) -> model (bf16) parameter copy ------------------------------------------------------
+def _foreach_copy_main_params_to_model_params(self) -> None:
+    """``DistributedOptimizer._copy_main_params_to_model_params`` for bf16/fp16 model weights
+    without FSDP, FP8 or the precision-aware optimizer: the same copies (each fp32 main shard
+    into its slice of the bucket's parameter buffer) as one ``torch._foreach_copy_`` instead
+    of one ``copy_`` launch per tensor (~340 launches for a 1.5B model)."""
+    dst, src = [], []
+    pairs = ((self.shard_fp32_from_float16_groups, self.model_float16_groups),
+             (self.shard_fp32_groups, self.model_fp32_groups))
+    for shard_groups, model_groups in pairs:
+        for shard_group, model_group in zip(shard_groups, model_groups):
+            for shard_main_param, model_param in zip(shard_group, model_group):
+                world_range = self._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                gbuf_index, _, bucket_id = self.model_param_gbuf_map[model_param]
+                buffer = self.buffers[gbuf_index].buckets[bucket_id].param_data
+                dst.append(buffer.view(-1)[world_range.start:world_range.end])
+                src.append(shard_main_param)
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def use_foreach_param_copy(optimizer) -> int:
+    """Give each plain megatron DistributedOptimizer the foreach main -> model copy above."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    count = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(part) is not DistributedOptimizer or getattr(part, "is_stub_optimizer", False):
+            continue
+        cfg, ddp_cfg = part.config, part.ddp_config
+        if (getattr(ddp_cfg, "use_megatron_fsdp", False) or getattr(cfg, "use_precision_aware_optimizer", False)
+                or getattr(cfg, "reuse_grad_buf_for_mxfp8_param_ag", False) or getattr(cfg, "fp8_recipe", None)):
+            continue
+        part._copy_main_params_to_model_params = _foreach_copy_main_params_to_model_params.__get__(part)
+        count += 1
+    return count
+
+
 def speed_up(optimizer) -> dict:
-    """Both of the above; returns what was done (for logging)."""
-    done = {"multi_tensor_ops": install_foreach_multi_tensor_ops(), "fused_adam": use_fused_adam(optimizer)}
+    """All of the above; returns what was done (for logging)."""
+    done = {"multi_tensor_ops": install_foreach_multi_tensor_ops(), "fused_adam": use_fused_adam(optimizer),
+            "foreach_param_copy": use_foreach_param_copy(optimizer)}
     log.info("optimizer speed-ups: %s", done)
     return done
