@@ -28,6 +28,10 @@ SHAPES = {
                  overrides=["model.num_query_groups=4", "training.precision=bf16"]),
     "1.5b": dict(config="examples/qwen2.5-1.5b.yaml", text_rows=151_936, seq=4096, mbs=2, gbs=8,
                  overrides=[]),
+    # the paper's backbone; run it with --tp 2 (or more): its weights and fp32 Adam states
+    # (~18 bytes per parameter) do not fit one 80 GB GPU
+    "7b": dict(config="examples/qwen2.5-7b.yaml", text_rows=152_064, seq=4096, mbs=1, gbs=8,
+               overrides=[]),
 }
 
 
