@@ -14,7 +14,8 @@ HF directory. Requests: JSONL (or a JSON list), one object per request -- format
 
 Settings (key=value): every ``GenerationSettings`` field (text_temperature, audio_top_k,
 guidance_scale, max_new_rows, max_audio_seconds, seed, batch_size, ...) and
-tokenizer=DIR, codec=DIR, device=cpu|cuda, precision=fp32|bf16, backend=cached|full.
+tokenizer=DIR, codec=DIR, device=cpu|cuda, precision=fp32|bf16, backend=graph|cached|full
+(default: graph where it applies, see ``Engine``).
 
 Output in OUT: ``answers.jsonl`` (one record per request, manifest order; format in
 ``megatron_ualm/inference/runner.py``), ``wavs/*.wav`` (16 kHz), ``summary.json``.
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     codec = load_codec_for(cfg, model_cfg, rt.device, run.get("codec"))
     overrides.setdefault("frame_rate", codec.info.frame_rate)
     settings = GenerationSettings.from_overrides(overrides)
-    engine = Engine(model, backend=run.get("backend", "cached"), tokenizer_size=len(tokenizer))
+    engine = Engine(model, backend=run.get("backend"), tokenizer_size=len(tokenizer))
     load_s = time.perf_counter() - t0
 
     records = list(enumerate(read_requests(args.requests)))

@@ -62,20 +62,22 @@ def mixed_prompts(vocab):
 
 
 # --- KV cache -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["graph", "cached"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cached_text_equals_full_recompute(model, temperature):
+def test_cached_text_equals_full_recompute(model, temperature, backend):
     prompts = [prompt_from("what is two and two", model.vocab, "text", seed=1),
                prompt_from("hi", model.vocab, "text", seed=2)]
     st = settings(text_temperature=temperature, text_top_k=40, text_top_p=0.9)
-    cached = generate(model, prompts, st)
+    cached = generate(model, prompts, st, backend=backend)
     assert all(len(g.rows) > 1 for g in cached)
     assert_same(cached, generate(model, prompts, st, backend="full"))
 
 
-def test_cached_audio_with_guidance_equals_full_recompute(model):
+@pytest.mark.parametrize("backend", ["graph", "cached"])
+def test_cached_audio_with_guidance_equals_full_recompute(model, backend):
     prompts = mixed_prompts(model.vocab)
     st = settings(guidance_scale=3.0)
-    cached = generate(model, prompts, st)
+    cached = generate(model, prompts, st, backend=backend)
     assert any(s.modality != "text" for g in cached for s in g.segments)
     assert all(g.timing["guided"] for g in cached)
     assert_same(cached, generate(model, prompts, st, backend="full"))
@@ -126,7 +128,7 @@ def test_uncond_rows_are_pad_until_first_audio_row(model):
     old = E.BACKENDS["cached"]
     E.BACKENDS["cached"] = Spy
     try:
-        gen = generate(model, prompts, settings())[0]
+        gen = generate(model, prompts, settings(), backend="cached")[0]
     finally:
         E.BACKENDS["cached"] = old
     tokens = seen["tokens"]

@@ -8,6 +8,7 @@ Modules, in the order data flows through them:
 * ``state``    per-request decoding state: modality choice, per-stream masks, delay corners
 * ``sampling`` ``GenerationSettings``; greedy / temperature / top-k / top-p selection
 * ``forward``  next-row logits: KV-cached (megatron ``StaticInferenceContext``) or full recompute
+* ``graph``    the default decode backend: own static KV cache, one CUDA graph replay per step
 * ``outputs``  undo the delay pattern, drop pad codes, decode with the codec to 16 kHz WAV
 * ``runner``   a manifest through the engine -> answer records (``answers.jsonl`` format)
 * ``loading``  model / tokenizer / codec from a Megatron or exported HF checkpoint

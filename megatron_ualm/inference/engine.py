@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from megatron_ualm.formats import vocab as V
-from megatron_ualm.inference.forward import BACKENDS, SplitForward, left_pad_layout
+from megatron_ualm.inference.forward import BACKENDS, SplitForward, default_backend, left_pad_layout
 from megatron_ualm.inference.sampling import NEG_INF, GenerationSettings, select
 from megatron_ualm.inference.state import (
     MASK_AUDIO0, MASK_AUDIO0_OR_END, MASK_END, MASK_MODALITY, MASK_TEXT, RowSpec, RowState, Segment,
@@ -68,15 +68,18 @@ class Generation:
 class Engine:
     """Decoding over one ``UALMModel`` (a single pipeline stage, in eval mode).
 
-    backend: "cached" (KV cache) or "full" (recompute every step; the test reference).
+    backend: "graph" (own KV cache, decode steps as CUDA graph replays), "cached" (megatron's
+        KV cache) or "full" (recompute every step; the test reference). None: "graph" for a
+        single stage with TP = 1 and no sequence parallelism, else "cached".
     split_guidance: run cond and uncond rows as two batches (tests only).
     force_uncond: run the unconditional rows even when guidance_scale == 1 (tests only).
     tokenizer_size: text ids the tokenizer has; the text rows above it (embedding padding,
         never a training target) are masked. None: every text row is allowed.
     """
 
-    def __init__(self, model, backend: str = "cached", split_guidance: bool = False,
+    def __init__(self, model, backend: Optional[str] = None, split_guidance: bool = False,
                  force_uncond: bool = False, tokenizer_size: Optional[int] = None):
+        backend = backend or default_backend(model)
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} not in {sorted(BACKENDS)}")
         self.model = model.eval()

@@ -14,8 +14,10 @@ Padding slots are never attended by real positions (the document mask of
 ``model/attention.py``; pads see only each other), so every request computes what it
 would alone. Without left padding (all prompts of one length) no mask is passed at all.
 
-``CachedForward`` runs the prompt once into megatron's ``StaticInferenceContext`` and then
-one row per step, with per-row RoPE angles for the whole cache. ``FullForward`` re-runs
+``GraphForward`` (``graph.py``, the engine's default where it applies) keeps its own
+static KV cache and runs each decode step as one CUDA graph replay. ``CachedForward`` runs
+the prompt once into megatron's ``StaticInferenceContext`` and then one row per step
+through megatron's layers, with per-row RoPE angles for the whole cache. ``FullForward`` re-runs
 the whole prefix through the training forward (``UALMModel.logits``) every step: the
 reference the cached path is tested against.
 """
@@ -25,6 +27,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from megatron_ualm.inference.graph import GraphForward
+from megatron_ualm.inference.graph import supports as graph_supports
 
 
 def left_pad_layout(lengths: list[int], length: int, num_rows: int, device) -> tuple[Tensor, Tensor, list[int]]:
@@ -110,4 +115,9 @@ class SplitForward:
         return torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]])
 
 
-BACKENDS = {"cached": CachedForward, "full": FullForward}
+BACKENDS = {"graph": GraphForward, "cached": CachedForward, "full": FullForward}
+
+
+def default_backend(model) -> str:
+    """"graph" where it applies (one stage, TP = 1, no sequence parallelism), else "cached"."""
+    return "graph" if graph_supports(model) else "cached"
