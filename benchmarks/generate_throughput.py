@@ -4,13 +4,15 @@
     python benchmarks/generate_throughput.py                 # Qwen2.5-1.5B shape, bf16, GPU
     python benchmarks/generate_throughput.py --tiny          # CPU smoke run (CI)
     python benchmarks/generate_throughput.py --batch-sizes 1 16 --text-tokens 256 --audio-seconds 10
+    python benchmarks/generate_throughput.py --backend graph cached   # both decode backends, one run
 
 Shape (default): Qwen2.5-1.5B decoder (28 layers, 1536 wide, 8960 FFN, 12 query / 2 KV
 heads of 128), UALM vocabulary 256 + 151,936 + 8 x 1025 rows (padded to 128), K = 8,
 random weights, no audio encoder. Prompts: ``--prompt-rows`` rows of random text, all of
 one length (no left padding).
 
-Measured, for each batch size B:
+Measured, for each batch size B and each ``--backend`` (default: the engine's default;
+every UALM result names the backend it used):
 * ``ualm_text``: text answers, greedy, ``--text-tokens`` new tokens per request
   (``<|eos|>``/``<|eot|>`` are masked so every request runs the full length).
   tokens/s = B * tokens / (prefill + decode seconds).
@@ -87,10 +89,10 @@ def timed(fn, warmup: int, device):
     return time.perf_counter() - t0, result
 
 
-def bench_ualm(model, args, device, batch: int) -> list[dict]:
+def bench_ualm(model, args, device, batch: int, backend=None) -> list[dict]:
     from megatron_ualm.inference.engine import Engine
     from megatron_ualm.inference.sampling import GenerationSettings
-    engine = Engine(model)
+    engine = Engine(model, backend=backend)
     never_end(engine)
     K = model.vocab.num_codebooks
     results = []
@@ -99,7 +101,8 @@ def bench_ualm(model, args, device, batch: int) -> list[dict]:
     prompts = prompts_for(model.vocab, batch, args.prompt_rows, "text")
     secs, gens = timed(lambda: engine.generate(prompts, text_settings), args.warmup, device)
     tokens = sum(len(g.segments[0].ids) for g in gens)
-    results.append({"bench": "ualm_text", "batch": batch, "new_tokens_per_request": tokens // batch,
+    results.append({"bench": "ualm_text", "backend": engine.backend, "batch": batch,
+                    "new_tokens_per_request": tokens // batch,
                     "seconds": secs, "tokens_per_s": tokens / secs,
                     "prefill_s": gens[0].timing["prefill_s"], "decode_s": gens[0].timing["decode_s"]})
 
@@ -111,7 +114,8 @@ def bench_ualm(model, args, device, batch: int) -> list[dict]:
     got = [g.segments[0].num_frames for g in gens]
     rows = sum(len(g.rows) for g in gens)
     audio_s = sum(got) / 50.0
-    results.append({"bench": "ualm_audio", "batch": batch, "frames_per_request": got[0], "guided": gens[0].timing["guided"],
+    results.append({"bench": "ualm_audio", "backend": engine.backend, "batch": batch,
+                    "frames_per_request": got[0], "guided": gens[0].timing["guided"],
                     "seconds": secs, "rows_per_s": rows / secs, "audio_s_per_s": audio_s / secs,
                     "seconds_per_10s_audio_per_request": secs * 10.0 / (audio_s / batch)})
     return results
@@ -152,6 +156,8 @@ def main(argv=None):
     p.add_argument("--audio-seconds", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--only", choices=("ualm", "hf"), default=None)
+    p.add_argument("--backend", nargs="+", choices=("graph", "cached", "full"), default=[None],
+                   help="UALM decode backend(s), each timed in turn (default: the engine's default)")
     p.add_argument("--out", default=None, help="write all results to this JSON file")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -174,9 +180,10 @@ def main(argv=None):
         model = build_ualm(shape, precision, device, max_positions)
         vocab_rows = model.vocab.padded_size
         for b in args.batch_sizes:
-            for r in bench_ualm(model, args, device, b):
-                print(json.dumps(r), flush=True)
-                results.append(r)
+            for backend in args.backend:
+                for r in bench_ualm(model, args, device, b, backend):
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
