@@ -107,6 +107,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True    # shard optimizer state across data parallel
     overlap_grad_reduce: bool = False         # overlap the gradient reduce with backward
     overlap_param_gather: bool = False        # overlap the parameter all-gather with forward
+    ddp_bucket_size: int | None = None        # parameters per communication bucket; None: megatron's
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
 
 

@@ -184,8 +184,10 @@ def test_overlapped_grad_reduce_and_param_gather_match_the_plain_run(data, tmp_p
     gradient for every trainable parameter anyway.)"""
     common = ["parallel.use_distributed_optimizer=true", "training.train_iters=3"]
     plain = run_distributed(_train, 2, data, tmp_path / "plain", common, 3)[0]
+    # small buckets: many bucket groups, each all-gather dispatched by the previous one's wait
     overlap = run_distributed(_train, 2, data, tmp_path / "overlap", common + [
-        "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"], 3)[0]
+        "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
+        "parallel.ddp_bucket_size=20000"], 3)[0]
     assert list(overlap) == [1, 2, 3]
     for step in plain:
         assert overlap[step] == pytest.approx(plain[step], rel=1e-6), step

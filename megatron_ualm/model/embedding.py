@@ -20,6 +20,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding, reduce_from_te
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ualm.formats.vocab import PAD, UnifiedVocab
+from megatron_ualm.model.weights import weight_of
 
 
 class MultiStreamEmbedding(MegatronModule):
@@ -52,7 +53,8 @@ class MultiStreamEmbedding(MegatronModule):
         use = (ids >= emb.vocab_start_index) & (ids < emb.vocab_end_index) & (ids != PAD)
         local = torch.where(use, ids - emb.vocab_start_index, torch.zeros_like(ids))
         # [B*S, H] = sum_k use_k * W[local_k]  (embedding_bag: no [B, S, K, H] intermediate)
-        out = F.embedding_bag(local, emb.weight, mode="sum", per_sample_weights=use.to(emb.weight.dtype))
+        weight = weight_of(emb)
+        out = F.embedding_bag(local, weight, mode="sum", per_sample_weights=use.to(weight.dtype))
         out = out.view(B, S, -1).transpose(0, 1).contiguous()
         if self.tp_group.size() > 1:
             out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)

@@ -38,6 +38,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ualm.formats.vocab import UnifiedVocab
 from megatron_ualm.model.fused_ce import head_cross_entropy
+from megatron_ualm.model.weights import weight_of
 
 NEG_INF = float("-inf")
 
@@ -123,8 +124,8 @@ class MultiStreamHead(MegatronModule):
 
     @property
     def weight(self) -> Tensor:
-        """This rank's head rows [Vp, H]."""
-        return self.output_layer.weight
+        """This rank's head rows [Vp, H] (the output layer is never called: see weights.py)."""
+        return weight_of(self.output_layer)
 
     def _full_hidden(self, hidden: Tensor) -> Tensor:
         """[s(/TP), B, H] -> [B * S, H], the whole sequence on every TP rank.

@@ -63,6 +63,7 @@ def build_model(cfg, runtime):
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # NaN handling is the loop's explicit policy
+        bucket_size=cfg.parallel.ddp_bucket_size,
     )
     chunks = []
     for vp_stage in range(vpp or 1):
