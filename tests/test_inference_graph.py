@@ -130,6 +130,11 @@ def _graph_on_gpu():
     init_runtime(device="cuda", seed=3)
     cfg = tiny_model_cfg(init_method_std=0.3, encoder=EncoderConfig(kind="none"))
     model = UALMModel(cfg, transformer_config_from(cfg, None, "bf16")).cuda().eval()
+    # the token comparison with "cached" (other attention kernels) runs in fp32, where two
+    # code paths cannot flip a greedy choice through rounding as bf16 can on a near-tie
+    model32 = UALMModel(cfg, transformer_config_from(cfg, None, "fp32")).cuda().eval()
+    model32.load_state_dict({k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                             for k, v in model.state_dict().items()})
     prompts = mixed_prompts(model.vocab)
 
     class Probe(GraphForward):
@@ -154,14 +159,16 @@ def _graph_on_gpu():
         Probe.steps.clear()
         probed = generate(model, prompts, st, backend="probe")
         graph = generate(model, prompts, st, backend="graph")
-        cached = generate(model, prompts, st, backend="cached")
         for replayed, eager in Probe.steps:
             for a, b in zip(replayed, eager):
                 finite = torch.isfinite(b)
                 assert torch.equal(finite, torch.isfinite(a))
                 result["worst"] = max(result["worst"], (a[finite] - b[finite]).abs().max().item())
         result["steps"] += len(Probe.steps)
-        result["same"].append([same(x, y) and same(x, z) for x, y, z in zip(graph, cached, probed)])
+        graph32 = generate(model32, prompts, st, backend="graph")
+        cached32 = generate(model32, prompts, st, backend="cached")
+        result["same"].append([same(x, y) for x, y in zip(graph, probed)] +
+                              [same(x, y) for x, y in zip(graph32, cached32)])
     return result
 
 

@@ -30,7 +30,6 @@ from typing import Callable, Optional
 import numpy as np
 
 from megatron_ualm.audio.frames import num_encoder_frames
-from megatron_ualm.audio.io import AudioError, load_audio
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats import vocab as V
 from megatron_ualm.formats.vocab import UnifiedVocab
@@ -100,6 +99,7 @@ def build_prompt(record: dict, vocab: UnifiedVocab, tokenize: Callable[[str], li
             raise RequestError("bad_request", "audio request without an 'audio' path")
         if not os.path.isabs(path):
             path = os.path.join(base_dir, path)
+        from megatron_ualm.audio.io import AudioError, load_audio  # libsndfile only for audio requests
         try:
             clip = load_audio(path, record.get("start_time"), record.get("end_time"))
         except AudioError as e:
