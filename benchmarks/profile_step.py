@@ -131,6 +131,15 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
             kernels[name][2] = cat
     # GPU busy time (union of device intervals) vs the profiled span
     spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    # device work the categories above miss: device events not linked to any CPU op
+    device_by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            device_by_name[e.name][0] += e.time_range.end - e.time_range.start
+            device_by_name[e.name][1] += 1
+    unlinked = sorted(((n, v[0] - kernels[n][0] if n in kernels else v[0], v[1] - (kernels[n][1] if n in kernels else 0))
+                       for n, v in device_by_name.items()), key=lambda t: -t[1])
+    unlinked = [(n, us, c) for n, us, c in unlinked if us > 1.0][:15]
     busy, window = 0.0, 0.0
     if spans:
         cur_s, cur_e = spans[0]
@@ -154,6 +163,9 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
     return {
         "ms_per_step": per_step,
         "kernel_ms_per_step": total_kernel / steps / 1e3,
+        "unlinked_device_ms_per_step": sum(us for _, us, _ in unlinked) / steps / 1e3,
+        "unlinked_device_events": [{"name": n[:160], "ms_per_step": us / steps / 1e3, "calls_per_step": c / steps}
+                                   for n, us, c in unlinked],
         "gpu_busy_ms_per_step": busy / steps / 1e3,
         "gpu_window_ms_per_step": window / steps / 1e3,
         "idle_ms_per_step": (window - busy) / steps / 1e3,
@@ -229,6 +241,9 @@ def print_breakdown(b: dict, title: str) -> None:
     print(f"  {'kernels total':45s} {b['kernel_ms_per_step']:8.2f}")
     print(f"  {'GPU busy (union)':45s} {b['gpu_busy_ms_per_step']:8.2f}")
     print(f"  {'GPU idle (waiting for the CPU)':45s} {b['idle_ms_per_step']:8.2f}")
+    print(f"  {'device time linked to no CPU op (uncounted)':45s} {b.get('unlinked_device_ms_per_step', 0):8.2f}")
+    for t in b.get("unlinked_device_events", [])[:10]:
+        print(f"      {t['ms_per_step']:7.2f} ms {t['calls_per_step']:6.0f}x  {t['name'][:90]}")
     print("-- GPU idle by step phase (ms; the phase the CPU was in when work resumed) --")
     for k, v in b.get("idle_ms_per_step_by_phase", {}).items():
         print(f"  {k:45s} {v:8.2f}")
