@@ -130,13 +130,17 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
             kernels[name][1] += 1
             kernels[name][2] = cat
     # GPU busy time (union of device intervals) vs the profiled span
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    # Device activity: kernels, copies, memsets. The profiler also puts each record_function
+    # range on the GPU timeline ("gpu_user_annotation", named like the CPU range); those spans
+    # cover the gaps between kernels and must not count as busy time.
+    cpu_names = {e.name for e in events if e.device_type == DeviceType.CPU}
+    device = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in cpu_names]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in device)
     # device work the categories above miss: device events not linked to any CPU op
     device_by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.device_type == DeviceType.CUDA:
-            device_by_name[e.name][0] += e.time_range.end - e.time_range.start
-            device_by_name[e.name][1] += 1
+    for e in device:
+        device_by_name[e.name][0] += e.time_range.end - e.time_range.start
+        device_by_name[e.name][1] += 1
     unlinked = sorted(((n, v[0] - kernels[n][0] if n in kernels else v[0], v[1] - (kernels[n][1] if n in kernels else 0))
                        for n, v in device_by_name.items()), key=lambda t: -t[1])
     unlinked = [(n, us, c) for n, us, c in unlinked if us > 1.0][:15]
@@ -215,7 +219,7 @@ def idle_gaps(events, spans, min_us: float = 20.0, top: int = 25) -> dict:
         return best
 
     def kernel_near(t, before):
-        cands = [e for e in events if e.device_type == DeviceType.CUDA and
+        cands = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("ualm.") and
                  (abs(e.time_range.end - t) < 1 if before else abs(e.time_range.start - t) < 1)]
         return cands[0].name[:70] if cands else "?"
 
