@@ -56,7 +56,7 @@ def to_device(batch: dict, device) -> dict:
 
 def report_vector(numerator, denominator, ce, correct, weights, task_ids) -> torch.Tensor:
     """Dense sums of one micro-batch: REPORT_KEYS, then per stream k (CE sum, targets)."""
-    m = loss_metrics(ce, correct, weights, task_ids)
+    m = loss_metrics(ce, correct, weights, task_ids, num_tasks=len(TASKS))
     values = [numerator.detach(), denominator] + [m[k] for k in BASE_KEYS[2:]]
     for kind in ("loss_sum", "count"):
         for t in range(len(TASKS)):
