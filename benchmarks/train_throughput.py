@@ -93,7 +93,11 @@ def synthetic_ualm_batch(vocab, batch: int, seq_len: int, device, generator: tor
     # a weight on a pad label (text rows' streams 1..K-1 are pad; those weights are 0 already)
     weights = torch.where(labels == 0, torch.zeros_like(weights), weights)
     out = dict(tokens=tokens, labels=labels, loss_weights=weights, position_ids=pos, document_ids=docs)
-    return {k: v.to(device) for k, v in out.items()}
+    from megatron_ualm.model.batch import host_plan
+    plan = host_plan(docs, weights)  # as the trainer's forward_step does, from the CPU tensors
+    out = {k: v.to(device) for k, v in out.items()}
+    out["plan"] = plan.to(device)
+    return out
 
 
 def peak_memory_gb(device) -> float | None:
@@ -142,6 +146,7 @@ def build_ualm(args, shape, device):
                                 fused=device.type == "cuda")
 
     accumulate = getattr(args, "accumulate", 1)
+    no_plan = reference or getattr(args, "no_host_plan", False)
 
     def make_step(batches):
         def step(i):  # the scopes name profiler ranges (profile_step.py); no-ops otherwise
@@ -153,7 +158,7 @@ def build_ualm(args, shape, device):
                 b = batches[(i * accumulate + j) % len(batches)]
                 with scope("ualm.forward"):
                     out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
-                              loss_weights=b["loss_weights"])
+                              loss_weights=b["loss_weights"], plan=None if no_plan else b["plan"])
                 with scope("ualm.loss"):
                     loss = ualm_loss(out.ce, b["loss_weights"])
                 with scope("ualm.backward"):
@@ -254,6 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-fused-ce", action="store_true", help="head CE through materialised logits")
     p.add_argument("--no-compile", action="store_true", help="eager RMSNorm / SwiGLU / RoPE")
     p.add_argument("--no-fast-optimizer", action="store_true", help="megatron's fallback optimizer paths")
+    p.add_argument("--no-host-plan", action="store_true",
+                   help="the forward derives packing and the head's target rows from the device tensors "
+                        "(host syncs) instead of the batch's host-side plan")
     p.add_argument("--no-wgrad-fusion", action="store_true",
                    help="bf16 weight gradients added into main_grad by DDP's hook (no accumulation in the GEMM)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")

@@ -255,3 +255,33 @@ def test_recomputation_gives_the_same_gradients(runtime, backend, recompute):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# --- host-side batch plan ------------------------------------------------------------------------
+def test_host_plan_gives_the_same_losses_and_gradients(runtime):
+    """The forward with ``batch.host_plan`` (packing and the head's target rows computed from
+    the CPU batch: no host syncs) equals the forward that derives them from the tensors."""
+    from megatron_ualm.model.batch import host_plan, is_packed, target_rows
+    from megatron_ualm.model.loss import ualm_loss
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from model_batches import model_inputs
+    cfg = tiny_model_cfg()
+    model = UALMModel(cfg, transformer_config_from(cfg, None, "fp32"))
+    ex, clips = make_examples(model.vocab)
+    batch = pack(None, 64, clips, model.vocab.num_codebooks, rows_of=[[ex["qa"], ex["text"]], [ex["tta"]]])
+    plan = host_plan(batch["document_ids"], batch["loss_weights"])
+    assert plan.packed == is_packed(batch["document_ids"]) is True
+    rows, sizes = target_rows(batch["loss_weights"])
+    assert torch.equal(plan.head_rows, rows) and list(plan.head_sizes) == sizes
+    assert sum(sizes) == int((batch["loss_weights"] > 0).sum()) and all(n > 0 for n in sizes)
+    results = []
+    for p in (None, plan):
+        model.zero_grad()
+        out = model(**model_inputs(batch), plan=p)
+        ualm_loss(out.ce, batch["loss_weights"]).backward()
+        results.append((out.ce.detach(), out.correct, {n: q.grad.clone() for n, q in model.named_parameters()
+                                                       if q.grad is not None}))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for n, g in results[0][2].items():
+        assert torch.equal(g, results[1][2][n]), n

@@ -33,6 +33,7 @@ position of an example has weight 0), so the loss never crosses examples.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
@@ -137,3 +138,39 @@ def is_packed(document_ids: Optional[Tensor]) -> bool:
     d = document_ids
     boundary = (d[:, 1:] != d[:, :-1]) & (d[:, 1:] >= 0)
     return bool(boundary.any())
+
+
+# --- what the forward would otherwise ask the device ---------------------------------------------
+def target_rows(loss_weights: Tensor) -> tuple[Tensor, list[int]]:
+    """The flattened positions ``b * S + s`` that carry loss, stream by stream: (int64 [n],
+    positions of stream 0 ascending, then stream 1, ...; the count of each stream's [K]).
+    On a device tensor this asks the device for the counts (one host sync)."""
+    K = loss_weights.shape[-1]
+    nz = torch.nonzero(loss_weights.reshape(-1, K) > 0)  # [n, 2] (position, stream), position-major
+    order = torch.argsort(nz[:, 1], stable=True)
+    sizes = torch.bincount(nz[:, 1], minlength=K).tolist()
+    return nz[order, 0], sizes
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Data-dependent sizes of one micro-batch, computed on the host from its CPU tensors
+    (``host_plan``) so that the forward never waits for the device to learn them: whether
+    attention needs the packed-example mask, and which positions the head projects.
+    Without a plan the model computes both from the device tensors (two host syncs)."""
+    packed: bool
+    head_rows: Tensor           # int64 [n] (``target_rows``)
+    head_sizes: tuple[int, ...]
+
+    def to(self, device, non_blocking: bool = True) -> "HostPlan":
+        return HostPlan(self.packed, self.head_rows.to(device, non_blocking=non_blocking), self.head_sizes)
+
+
+def host_plan(document_ids: Optional[Tensor], loss_weights: Tensor) -> HostPlan:
+    """The ``HostPlan`` of a batch whose ``document_ids`` / ``loss_weights`` are on the CPU."""
+    if loss_weights.device.type != "cpu" or (document_ids is not None and document_ids.device.type != "cpu"):
+        raise ValueError("host_plan needs the batch's CPU tensors (before it moves to the device)")
+    rows, sizes = target_rows(loss_weights)
+    if torch.cuda.is_available():
+        rows = rows.pin_memory()  # the copy to the device then needs no staging
+    return HostPlan(is_packed(document_ids), rows, tuple(sizes))

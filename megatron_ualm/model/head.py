@@ -24,6 +24,7 @@ columns are exactly the padded vocabulary rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ualm.formats.vocab import UnifiedVocab
+from megatron_ualm.model.batch import target_rows
 from megatron_ualm.model.fused_ce import head_cross_entropy
 from megatron_ualm.model.weights import weight_of
 
@@ -219,8 +221,11 @@ class MultiStreamHead(MegatronModule):
         return torch.cat(ce_parts), torch.cat(correct_parts)
 
     # --- training -------------------------------------------------------------------------------
-    def forward(self, hidden: Tensor, labels: Tensor, loss_weights: Tensor) -> StreamLosses:
+    def forward(self, hidden: Tensor, labels: Tensor, loss_weights: Tensor,
+                targets: Optional[tuple[Tensor, tuple[int, ...]]] = None) -> StreamLosses:
         """hidden [s(/TP), B, H] (final norm applied); labels int [B, S, K]; loss_weights [B, S, K].
+        targets: ``batch.target_rows(loss_weights)`` computed beforehand (on the host, see
+        ``batch.HostPlan``); None: computed here from the device tensor (one host sync).
 
         Returns per-position cross entropy and correctness (see ``StreamLosses``).
         """
@@ -229,14 +234,11 @@ class MultiStreamHead(MegatronModule):
             raise ValueError(f"labels have {K} streams, the head {self.num_streams}")
         h = self._full_hidden(hidden)
         flat_labels = labels.reshape(-1, K)
-        flat_w = loss_weights.reshape(-1, K)
 
         # Select, per stream, the positions that carry loss; add the stream embedding.
-        # one nonzero + one bincount (two host syncs) instead of one nonzero per stream
-        nz = torch.nonzero(flat_w > 0)  # [n, 2] (position, stream), position-major
-        order = torch.argsort(nz[:, 1], stable=True)
-        sizes = torch.bincount(nz[:, 1], minlength=K).tolist()
-        index = list(torch.split(nz[order, 0], sizes))
+        rows_at, sizes = targets if targets is not None else target_rows(loss_weights)
+        sizes = list(sizes)
+        index = list(torch.split(rows_at.to(h.device, non_blocking=True), sizes))
         parts = [h.index_select(0, index[0])]
         for k in range(1, K):
             parts.append(h.index_select(0, index[k]) + self.stream_embeddings[k - 1].to(h.dtype))

@@ -41,7 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_ualm.formats.vocab import UnifiedVocab
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache
-from megatron_ualm.model.batch import is_packed
+from megatron_ualm.model.batch import HostPlan, is_packed
 from megatron_ualm.model.embedding import MultiStreamEmbedding
 from megatron_ualm.model.head import MultiStreamHead, StreamLosses
 from megatron_ualm.model.layer_spec import qwen2_block_spec
@@ -160,12 +160,14 @@ class UALMModel(MegatronModule):
                 labels: Optional[Tensor] = None, loss_weights: Optional[Tensor] = None, *,
                 audio_waveforms: Optional[Tensor] = None, audio_num_samples: Optional[Tensor] = None,
                 audio_rows: Optional[Tensor] = None, inference_context=None, return_logits: bool = False,
-                logits_last_only: bool = False, **_unused):
+                logits_last_only: bool = False, plan: Optional[HostPlan] = None, **_unused):
         """See the module docstring. Shapes as in ``batch.py``.
 
         Returns: non-last stage -> hidden [s(/TP), B, H]; last stage -> ``StreamLosses`` when
         ``labels`` is given, ``(stream0 [B, S, Vpad], streams [B, S, K-1, W])`` logits when
         ``return_logits``, else the final hidden states [s(/TP), B, H].
+        ``plan``: ``batch.host_plan`` of this batch (computed from its CPU tensors), so that
+        the forward makes no host sync; None: derived from the device tensors.
         """
         if self.pre_process:
             with fusions.scope("ualm.embed"):
@@ -176,7 +178,7 @@ class UALMModel(MegatronModule):
             hidden = None  # the decoder reads its pipeline input tensor
 
         attention_mask = None
-        if inference_context is None and is_packed(document_ids):
+        if inference_context is None and (plan.packed if plan is not None else is_packed(document_ids)):
             attention_mask = document_ids
         hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
                               rotary_pos_emb=self._rotary(position_ids, inference_context),
@@ -190,7 +192,8 @@ class UALMModel(MegatronModule):
         if loss_weights is None:
             raise ValueError("labels given without loss_weights")
         with fusions.scope("ualm.head"):
-            return self.head(hidden, labels, loss_weights)
+            targets = (plan.head_rows, plan.head_sizes) if plan is not None else None
+            return self.head(hidden, labels, loss_weights, targets)
 
     @torch.no_grad()
     def logits(self, tokens: Tensor, position_ids: Tensor, document_ids: Optional[Tensor] = None,

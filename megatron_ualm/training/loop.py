@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ualm.config import save_config
 from megatron_ualm.data.loader import collate
 from megatron_ualm.formats.templates import TASKS
+from megatron_ualm.model.batch import host_plan
 from megatron_ualm.model.loss import loss_metrics, loss_sums
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
 from megatron_ualm.training import checkpoint as ckpt
@@ -76,10 +77,12 @@ def loss_func(batch, output):
 
 
 def forward_step(device, data_iterator, model):
-    batch = to_device(next(data_iterator), device)
+    batch = next(data_iterator)
+    plan = host_plan(batch["document_ids"], batch["loss_weights"]).to(device)  # no host sync in the forward
+    batch = to_device(batch, device)
     output = model(batch["tokens"], batch["position_ids"], batch["document_ids"], batch["labels"],
                    loss_weights=batch["loss_weights"], audio_waveforms=batch["audio_waveforms"],
-                   audio_num_samples=batch["audio_num_samples"], audio_rows=batch["audio_rows"])
+                   audio_num_samples=batch["audio_num_samples"], audio_rows=batch["audio_rows"], plan=plan)
     return output, partial(loss_func, batch)
 
 
