@@ -259,8 +259,9 @@ def test_recomputation_gives_the_same_gradients(runtime, backend, recompute):
 
 # --- host-side batch plan ------------------------------------------------------------------------
 def test_host_plan_gives_the_same_losses_and_gradients(runtime):
-    """The forward with ``batch.host_plan`` (packing and the head's target rows computed from
-    the CPU batch: no host syncs) equals the forward that derives them from the tensors."""
+    """The forward with ``batch.host_plan`` (packing, the head's target rows and the clips'
+    sizes computed from the CPU batch: no host syncs) equals the forward that derives them
+    from the tensors."""
     from megatron_ualm.model.batch import host_plan, is_packed, target_rows
     from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.model.transformer_config import transformer_config_from
@@ -270,8 +271,9 @@ def test_host_plan_gives_the_same_losses_and_gradients(runtime):
     model = UALMModel(cfg, transformer_config_from(cfg, None, "fp32"))
     ex, clips = make_examples(model.vocab)
     batch = pack(None, 64, clips, model.vocab.num_codebooks, rows_of=[[ex["qa"], ex["text"]], [ex["tta"]]])
-    plan = host_plan(batch["document_ids"], batch["loss_weights"])
+    plan = host_plan(batch["document_ids"], batch["loss_weights"], batch["audio_num_samples"], batch["audio_rows"])
     assert plan.packed == is_packed(batch["document_ids"]) is True
+    assert plan.audio_rows and plan.audio_rows == tuple(tuple(r) for r in batch["audio_rows"].tolist())
     rows, sizes = target_rows(batch["loss_weights"])
     assert torch.equal(plan.head_rows, rows) and list(plan.head_sizes) == sizes
     assert sum(sizes) == int((batch["loss_weights"] > 0).sum()) and all(n > 0 for n in sizes)

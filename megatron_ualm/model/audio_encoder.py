@@ -27,7 +27,7 @@ frames per clip (asserted), concatenated in clip order.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -121,13 +121,13 @@ class AudioEncoder(nn.Module):
             self.encoder.eval()
         return self
 
-    def frame_counts(self, num_samples: Tensor) -> list[int]:
-        return [num_encoder_frames(int(n), self.window_seconds) for n in num_samples.tolist()]
+    def frame_counts(self, num_samples: Tensor | Sequence[int]) -> list[int]:
+        return [num_encoder_frames(int(n), self.window_seconds) for n in _host_ints(num_samples)]
 
-    def encode(self, waveforms: Tensor, num_samples: Tensor) -> Tensor:
+    def encode(self, waveforms: Tensor, num_samples: Tensor | Sequence[int]) -> Tensor:
         """Encoder output before the adapter: [sum_i F_i, encoder_width]."""
         windows = []  # (clip, start, length) in samples
-        for i, n in enumerate(num_samples.tolist()):
+        for i, n in enumerate(_host_ints(num_samples)):
             start = 0
             for size in window_sizes(int(n), self.window_seconds):
                 windows.append((i, start, size))
@@ -160,10 +160,17 @@ class AudioEncoder(nn.Module):
             outs.append((h[0:2 * pooled:2] + h[1:2 * pooled:2]) / 2)
         return torch.cat(outs, dim=0)
 
-    def forward(self, waveforms: Tensor, num_samples: Tensor) -> Tensor:
+    def forward(self, waveforms: Tensor, num_samples: Tensor | Sequence[int]) -> Tensor:
+        """num_samples: int tensor [N], or the same as host ints (no device sync)."""
+        num_samples = _host_ints(num_samples)
         counts = self.frame_counts(num_samples)
         frames = self.encode(waveforms, num_samples)
         if frames.shape[0] != sum(counts):
             raise AssertionError(f"the {self.kind} encoder gave {frames.shape[0]} frames for clips "
                                  f"expecting {counts} (sum {sum(counts)})")
         return self.adapter(frames.to(self.adapter.weight.dtype))
+
+
+def _host_ints(values: Tensor | Sequence[int]) -> list[int]:
+    """A tensor's values as Python ints (a device tensor costs a host sync), or the list as is."""
+    return values.tolist() if isinstance(values, Tensor) else [int(v) for v in values]

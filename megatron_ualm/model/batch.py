@@ -33,6 +33,7 @@ position of an example has weight 0), so the loss never crosses examples.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -161,16 +162,22 @@ class HostPlan:
     packed: bool
     head_rows: Tensor           # int64 [n] (``target_rows``)
     head_sizes: tuple[int, ...]
+    audio_num_samples: tuple[int, ...] = ()           # ``audio_num_samples`` as host ints
+    audio_rows: tuple[tuple[int, int, int], ...] = ()  # ``audio_rows`` as host ints
 
     def to(self, device, non_blocking: bool = True) -> "HostPlan":
-        return HostPlan(self.packed, self.head_rows.to(device, non_blocking=non_blocking), self.head_sizes)
+        return dataclasses.replace(self, head_rows=self.head_rows.to(device, non_blocking=non_blocking))
 
 
-def host_plan(document_ids: Optional[Tensor], loss_weights: Tensor) -> HostPlan:
-    """The ``HostPlan`` of a batch whose ``document_ids`` / ``loss_weights`` are on the CPU."""
-    if loss_weights.device.type != "cpu" or (document_ids is not None and document_ids.device.type != "cpu"):
+def host_plan(document_ids: Optional[Tensor], loss_weights: Tensor, audio_num_samples: Optional[Tensor] = None,
+              audio_rows: Optional[Tensor] = None) -> HostPlan:
+    """The ``HostPlan`` of a batch from its CPU tensors (before it moves to the device)."""
+    tensors = [t for t in (document_ids, loss_weights, audio_num_samples, audio_rows) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("host_plan needs the batch's CPU tensors (before it moves to the device)")
     rows, sizes = target_rows(loss_weights)
     if torch.cuda.is_available():
         rows = rows.pin_memory()  # the copy to the device then needs no staging
-    return HostPlan(is_packed(document_ids), rows, tuple(sizes))
+    samples = tuple(audio_num_samples.tolist()) if audio_num_samples is not None else ()
+    spans = tuple(tuple(r) for r in audio_rows.tolist()) if audio_rows is not None else ()
+    return HostPlan(is_packed(document_ids), rows, tuple(sizes), samples, spans)

@@ -122,16 +122,20 @@ class UALMModel(MegatronModule):
 
     # --- pieces -----------------------------------------------------------------------------------
     def embed(self, tokens: Tensor, audio_waveforms: Optional[Tensor] = None,
-              audio_num_samples: Optional[Tensor] = None, audio_rows: Optional[Tensor] = None) -> Tensor:
+              audio_num_samples: Optional[Tensor] = None, audio_rows: Optional[Tensor] = None,
+              plan: Optional[HostPlan] = None) -> Tensor:
         """Input embeddings [S, B, H] (full sequence): stream sum, then placeholder rows
-        overwritten by the adapted encoder frames."""
+        overwritten by the adapted encoder frames. ``plan``: the clips' sizes as host ints."""
         hidden = self.embedding(tokens)
         if audio_rows is not None and audio_rows.shape[0] > 0:
             if self.audio_encoder is None:
                 raise ValueError("the batch has audio clips but the model has no audio encoder (encoder.kind='none')")
-            frames = self.audio_encoder(audio_waveforms, audio_num_samples)  # [F, H]
-            spans = audio_rows.tolist()
-            counts = self.audio_encoder.frame_counts(audio_num_samples)
+            if plan is not None and len(plan.audio_rows) == audio_rows.shape[0]:
+                samples, spans = list(plan.audio_num_samples), [list(r) for r in plan.audio_rows]
+            else:
+                samples, spans = audio_num_samples.tolist(), audio_rows.tolist()  # host syncs
+            frames = self.audio_encoder(audio_waveforms, samples)  # [F, H]
+            counts = self.audio_encoder.frame_counts(samples)
             for (b, row, n), expected in zip(spans, counts):
                 if n != expected:
                     raise ValueError(f"audio span {(b, row, n)} has {n} rows; its clip gives {expected} frames")
@@ -171,7 +175,7 @@ class UALMModel(MegatronModule):
         """
         if self.pre_process:
             with fusions.scope("ualm.embed"):
-                hidden = self.embed(tokens, audio_waveforms, audio_num_samples, audio_rows)
+                hidden = self.embed(tokens, audio_waveforms, audio_num_samples, audio_rows, plan)
             if self.config.sequence_parallel:
                 hidden = scatter_to_sequence_parallel_region(hidden)
         else:

@@ -78,7 +78,8 @@ def loss_func(batch, output):
 
 def forward_step(device, data_iterator, model):
     batch = next(data_iterator)
-    plan = host_plan(batch["document_ids"], batch["loss_weights"]).to(device)  # no host sync in the forward
+    plan = host_plan(batch["document_ids"], batch["loss_weights"], batch["audio_num_samples"],
+                     batch["audio_rows"]).to(device)  # so the forward makes no host sync
     batch = to_device(batch, device)
     output = model(batch["tokens"], batch["position_ids"], batch["document_ids"], batch["labels"],
                    loss_weights=batch["loss_weights"], audio_waveforms=batch["audio_waveforms"],
