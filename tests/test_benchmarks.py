@@ -25,3 +25,32 @@ def test_benchmark_smoke(name, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), *SMOKE[name]],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_profile_breakdown_counts_idle_from_device_work_only():
+    """profile_step's GPU accounting on a hand-made trace: annotation spans on the GPU timeline
+    (named like CPU ranges) are not busy time, gaps go to the phase the CPU was in, and device
+    work linked to no CPU op is reported."""
+    import sys
+    from types import SimpleNamespace as N
+
+    from torch.autograd import DeviceType
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step as ps
+
+    def ev(name, dev, start, end, parent=None, kernels=()):
+        return N(name=name, device_type=dev, time_range=N(start=start, end=end), cpu_parent=parent,
+                 kernels=list(kernels), cpu_children=[], sequence_nr=-1)
+    fwd = ev("ualm.forward", DeviceType.CPU, 0, 100)
+    opt = ev("ualm.optimizer", DeviceType.CPU, 100, 200)
+    mm = ev("aten::mm", DeviceType.CPU, 1, 5, fwd, [N(name="gemm", duration=30)])
+    sync = ev("aten::item", DeviceType.CPU, 35, 65, fwd)
+    events = [fwd, opt, mm, sync, ev("ualm.forward", DeviceType.CUDA, 0, 100),  # an annotation span
+              ev("gemm", DeviceType.CUDA, 0, 30), ev("stray", DeviceType.CUDA, 60, 70),
+              ev("adam", DeviceType.CUDA, 150, 160)]
+    b = ps.breakdown(N(events=lambda: events), steps=1)
+    assert b["gpu_busy_ms_per_step"] == 30e-3 + 10e-3 + 10e-3
+    assert b["idle_ms_per_step"] == (30 + 80) * 1e-3
+    assert b["idle_ms_per_step_by_phase"] == {"ualm.optimizer": 80e-3, "ualm.forward": 30e-3}
+    assert b["largest_gaps"][1]["cpu_ops"] == "aten::item < ualm.forward"
+    assert [e["name"] for e in b["unlinked_device_events"]] == ["stray", "adam"]
