@@ -222,21 +222,28 @@ def _check_object(path: str, line: int, value) -> dict:
     return value
 
 
+def _turns(items: list, field: str, role_key: str, content_key: str, roles: dict, hint: str) -> tuple:
+    """Turns of a record's conversation list: each item an object whose ``role_key`` is a key
+    of ``roles`` (mapped to our role) and whose ``content_key`` is a string."""
+    turns = []
+    for i, turn in enumerate(items):
+        if not isinstance(turn, dict):
+            raise _Bad(WRONG_TYPE, f"{field}[{i}] must be an object with '{role_key}' and '{content_key}'")
+        role = _get(turn, role_key, str)
+        if role not in roles:
+            raise _Bad(BAD_VALUE, f"{field}[{i}].{role_key} is {role!r}; use {hint}")
+        turns.append(Turn(roles[role], _get(turn, content_key, str)))
+    return tuple(turns)
+
+
 def _parse_text(path: str, line: int, obj: dict) -> TextRecord:
     raw_input = _get(obj, "input", (list, str))
     if isinstance(raw_input, str):  # convenience: a bare prompt is one user turn
         raw_input = [{"role": "user", "content": raw_input}]
     if not raw_input:
         raise _Bad(BAD_VALUE, "field 'input' is an empty list")
-    turns = []
-    for i, turn in enumerate(raw_input):
-        if not isinstance(turn, dict):
-            raise _Bad(WRONG_TYPE, f"input[{i}] must be an object with 'role' and 'content'")
-        role = _get(turn, "role", str)
-        if role not in TEXT_ROLES:
-            raise _Bad(BAD_VALUE, f"input[{i}].role is {role!r}; use one of {TEXT_ROLES}")
-        turns.append(Turn(role, _get(turn, "content", str)))
-    return TextRecord(path, line, tuple(turns), _get(obj, "output", str))
+    turns = _turns(raw_input, "input", "role", "content", {r: r for r in TEXT_ROLES}, f"one of {TEXT_ROLES}")
+    return TextRecord(path, line, turns, _get(obj, "output", str))
 
 
 def _parse_af3(path: str, line: int, index: int, obj: dict) -> UnderstandingRecord:
@@ -246,18 +253,11 @@ def _parse_af3(path: str, line: int, index: int, obj: dict) -> UnderstandingReco
     convs = _get(obj, "conversations", list)
     if not convs:
         raise _Bad(BAD_VALUE, "field 'conversations' is an empty list")
-    turns = []
-    for i, turn in enumerate(convs):
-        if not isinstance(turn, dict):
-            raise _Bad(WRONG_TYPE, f"conversations[{i}] must be an object with 'from' and 'value'")
-        who = _get(turn, "from", str)
-        if who not in AF3_ROLES:
-            raise _Bad(BAD_VALUE, f"conversations[{i}].from is {who!r}; use human or gpt")
-        turns.append(Turn(AF3_ROLES[who], _get(turn, "value", str)))
+    turns = _turns(convs, "conversations", "from", "value", AF3_ROLES, "human or gpt")
     if duration is not None and duration <= 0:
         raise _Bad(BAD_VALUE, f"duration {duration} must be positive")
     return UnderstandingRecord(path, line, index, str(ident), _resolve(path, sound),
-                               None if duration is None else float(duration), tuple(turns))
+                               None if duration is None else float(duration), turns)
 
 
 def _parse_etta(path: str, line: int, obj: dict) -> GenerationRecord:
