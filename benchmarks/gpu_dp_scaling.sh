@@ -7,15 +7,11 @@ set -uo pipefail
 OUT="${OUT:-benchmarks/results}"; R="${RUNS:-/tmp/ualm-runs}"; mkdir -p "$OUT" "$R"
 GBS="${GBS:-16}"; ITERS="${ITERS:-10}"; D="$R/data-1.5b"; NS="${NS:-1 2}"; LIMIT="${LIMIT:-200}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/dp_card.txt"
+source benchmarks/multi_gpu_run.sh
 for n in $NS; do
-  name="1.5b-dp$n-gbs$GBS"
-  echo "== $name"
-  timeout "$LIMIT" python -m torch.distributed.run --standalone --nproc-per-node "$n" benchmarks/multi_gpu.py \
-    --shape 1.5b --iters "$ITERS" --data "$D" --exp "$R/$name" training.global_batch_size="$GBS" \
-    parallel.overlap_grad_reduce=true parallel.overlap_param_gather="$([[ $n == 2 ]] && echo true || echo false)" \
-    > "$OUT/$name.log" 2>&1 || echo "   FAILED ($?): see $OUT/$name.log"
-  grep -E "\[ualm\] step" "$OUT/$name.log" | tail -2
-  cp "$R/$name/logs/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+  go "1.5b-dp$n-gbs$GBS" "$n" "$LIMIT" --shape 1.5b --iters "$ITERS" --data "$D" \
+    training.global_batch_size="$GBS" parallel.overlap_grad_reduce=true \
+    parallel.overlap_param_gather="$([[ $n == 2 ]] && echo true || echo false)"
 done
 python - "$OUT" "$GBS" <<'PY'
 import json, statistics, sys

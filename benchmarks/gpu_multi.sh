@@ -8,28 +8,21 @@ set -uo pipefail
 OUT="${OUT:-benchmarks/results}"; R="${RUNS:-/tmp/ualm-runs}"; mkdir -p "$OUT" "$R"
 SHAPES="${SHAPES:-tiny 1.5b}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/multi_card.txt"
-go() {  # name nproc args...
-  local name="$1" n="$2"; shift 2
-  echo "== $name ($n GPUs): $*"
-  timeout 420 python -m torch.distributed.run --standalone --nproc-per-node "$n" benchmarks/multi_gpu.py \
-      --exp "$R/$name" "$@" > "$OUT/$name.log" 2>&1 || echo "   FAILED ($?): see $OUT/$name.log"
-  grep -E "\[ualm\] (step|resumed|saved)" "$OUT/$name.log" | tail -2
-}
+source benchmarks/multi_gpu_run.sh
 for shape in $SHAPES; do
   D="$R/data-$shape"
   if [[ "$shape" == tiny ]]; then
-    go tiny-tp1 1 --shape tiny --iters 2 --data "$D"
-    go tiny-tp2pp2 4 --shape tiny --tp 2 --pp 2 --iters 50 --save --data "$D"
-    go tiny-dp2tp2 4 --shape tiny --tp 2 --iters 50 --data "$D"
+    go tiny-tp1 1 420 --shape tiny --iters 2 --data "$D"
+    go tiny-tp2pp2 4 420 --shape tiny --tp 2 --pp 2 --iters 50 --save --data "$D"
+    go tiny-dp2tp2 4 420 --shape tiny --tp 2 --iters 50 --data "$D"
     C="$R/tiny-tp2pp2/checkpoints/iter_0000050"
-    go tiny-resume-2x2 4 --shape tiny --tp 2 --pp 2 --iters 55 --resume-from "$C" --data "$D"
-    go tiny-resume-dp4 4 --shape tiny --tp 1 --iters 55 --resume-from "$C" --data "$D"
-    go tiny-resume-tp4 4 --shape tiny --tp 4 --iters 55 --resume-from "$C" --data "$D"
+    go tiny-resume-2x2 4 420 --shape tiny --tp 2 --pp 2 --iters 55 --resume-from "$C" --data "$D"
+    go tiny-resume-dp4 4 420 --shape tiny --tp 1 --iters 55 --resume-from "$C" --data "$D"
+    go tiny-resume-tp4 4 420 --shape tiny --tp 4 --iters 55 --resume-from "$C" --data "$D"
   else
-    go 1.5b-tp1 1 --shape 1.5b --iters 3 --data "$D"
-    go 1.5b-tp2pp2 4 --shape 1.5b --tp 2 --pp 2 --iters 50 --data "$D"
-    go 1.5b-dp2tp2 4 --shape 1.5b --tp 2 --iters 50 --data "$D"
+    go 1.5b-tp1 1 420 --shape 1.5b --iters 3 --data "$D"
+    go 1.5b-tp2pp2 4 420 --shape 1.5b --tp 2 --pp 2 --iters 50 --data "$D"
+    go 1.5b-dp2tp2 4 420 --shape 1.5b --tp 2 --iters 50 --data "$D"
   fi
 done
-for f in "$R"/*/logs/metrics.jsonl; do cp "$f" "$OUT/$(basename "$(dirname "$(dirname "$f")")").metrics.jsonl"; done
 python benchmarks/multi_gpu_summary.py "$OUT" | tee "$OUT/multi_summary.txt"

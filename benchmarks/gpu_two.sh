@@ -8,14 +8,7 @@ set -uo pipefail
 OUT="${OUT:-benchmarks/results}"; R="${RUNS:-/tmp/ualm-runs}"; mkdir -p "$OUT" "$R"
 ITERS="${ITERS:-12}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/two_card.txt"
-go() {  # name nproc seconds args...
-  local name="$1" n="$2" limit="$3"; shift 3
-  echo "== $name ($n GPUs): $*"
-  timeout "$limit" python -m torch.distributed.run --standalone --nproc-per-node "$n" benchmarks/multi_gpu.py \
-      --exp "$R/$name" "$@" > "$OUT/$name.log" 2>&1 || echo "   FAILED ($?): see $OUT/$name.log"
-  grep -E "\[ualm\] (step|resumed|saved)" "$OUT/$name.log" | tail -2
-  grep -iE "out of memory|Error" "$OUT/$name.log" | tail -3
-}
+source benchmarks/multi_gpu_run.sh
 D="$R/data-1.5b"
 go 1.5b-tp1 1 150 --shape 1.5b --iters "$ITERS" --data "$D"
 go 1.5b-dp2 2 150 --shape 1.5b --iters "$ITERS" --data "$D"
@@ -23,5 +16,4 @@ go 1.5b-tp2 2 150 --shape 1.5b --tp 2 --iters "$ITERS" --data "$D"
 go 1.5b-dp2-overlap-param-gather 2 150 --shape 1.5b --iters "$ITERS" --data "$D" \
    parallel.overlap_param_gather=true parallel.overlap_grad_reduce=true
 go 7b-tp2 2 240 --shape 7b --tp 2 --iters 6 --data "$R/data-7b"
-for f in "$R"/*/logs/metrics.jsonl; do cp "$f" "$OUT/$(basename "$(dirname "$(dirname "$f")")").metrics.jsonl"; done
 python benchmarks/multi_gpu_summary.py "$OUT" | tee "$OUT/two_summary.txt"
