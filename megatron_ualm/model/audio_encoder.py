@@ -121,13 +121,13 @@ class AudioEncoder(nn.Module):
             self.encoder.eval()
         return self
 
-    def frame_counts(self, num_samples: Tensor | Sequence[int]) -> list[int]:
-        return [num_encoder_frames(int(n), self.window_seconds) for n in _host_ints(num_samples)]
+    def frame_counts(self, num_samples: Sequence[int]) -> list[int]:
+        return [num_encoder_frames(int(n), self.window_seconds) for n in num_samples]
 
-    def encode(self, waveforms: Tensor, num_samples: Tensor | Sequence[int]) -> Tensor:
+    def encode(self, waveforms: Tensor, num_samples: Sequence[int]) -> Tensor:
         """Encoder output before the adapter: [sum_i F_i, encoder_width]."""
         windows = []  # (clip, start, length) in samples
-        for i, n in enumerate(_host_ints(num_samples)):
+        for i, n in enumerate(num_samples):
             start = 0
             for size in window_sizes(int(n), self.window_seconds):
                 windows.append((i, start, size))
@@ -162,7 +162,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, waveforms: Tensor, num_samples: Tensor | Sequence[int]) -> Tensor:
         """num_samples: int tensor [N], or the same as host ints (no device sync)."""
-        num_samples = _host_ints(num_samples)
+        if isinstance(num_samples, Tensor):
+            num_samples = num_samples.tolist()
         counts = self.frame_counts(num_samples)
         frames = self.encode(waveforms, num_samples)
         if frames.shape[0] != sum(counts):
@@ -170,7 +171,3 @@ class AudioEncoder(nn.Module):
                                  f"expecting {counts} (sum {sum(counts)})")
         return self.adapter(frames.to(self.adapter.weight.dtype))
 
-
-def _host_ints(values: Tensor | Sequence[int]) -> list[int]:
-    """A tensor's values as Python ints (a device tensor costs a host sync), or the list as is."""
-    return values.tolist() if isinstance(values, Tensor) else [int(v) for v in values]

@@ -131,7 +131,7 @@ class UALMModel(MegatronModule):
             if self.audio_encoder is None:
                 raise ValueError("the batch has audio clips but the model has no audio encoder (encoder.kind='none')")
             if plan is not None and len(plan.audio_rows) == audio_rows.shape[0]:
-                samples, spans = list(plan.audio_num_samples), [list(r) for r in plan.audio_rows]
+                samples, spans = plan.audio_num_samples, plan.audio_rows
             else:
                 samples, spans = audio_num_samples.tolist(), audio_rows.tolist()  # host syncs
             frames = self.audio_encoder(audio_waveforms, samples)  # [F, H]
