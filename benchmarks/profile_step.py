@@ -135,7 +135,7 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
     # cover the gaps between kernels and must not count as busy time.
     cpu_names = {e.name for e in events if e.device_type == DeviceType.CPU}
     device = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in cpu_names]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in device)
+    intervals = busy_intervals(device)
     # device work the categories above miss: device events not linked to any CPU op
     device_by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for e in device:
@@ -144,20 +144,10 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
     unlinked = sorted(((n, v[0] - kernels[n][0] if n in kernels else v[0], v[1] - (kernels[n][1] if n in kernels else 0))
                        for n, v in device_by_name.items()), key=lambda t: -t[1])
     unlinked = [(n, us, c) for n, us, c in unlinked if us > 1.0][:15]
-    busy, window = 0.0, 0.0
-    if spans:
-        cur_s, cur_e = spans[0]
-        first, last = spans[0][0], max(e for _, e in spans)
-        for s, e in spans[1:]:
-            if s > cur_e:
-                busy += cur_e - cur_s
-                cur_s, cur_e = s, e
-            else:
-                cur_e = max(cur_e, e)
-        busy += cur_e - cur_s
-        window = last - first
+    busy = sum(end - start for start, end in intervals)
+    window = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     try:
-        gaps = idle_gaps(events, spans)
+        gaps = idle_gaps(events, device, intervals)
     except Exception as e:  # the breakdown above stays useful without the gap analysis
         print(f"idle-gap analysis failed: {e!r}", file=sys.stderr)
         gaps = {"by_phase": {}, "largest": []}
@@ -184,22 +174,23 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
 PHASES = ("ualm.zero_grad", "ualm.forward", "ualm.loss", "ualm.backward", "ualm.finalize_grads", "ualm.optimizer")
 
 
-def idle_gaps(events, spans, min_us: float = 20.0, top: int = 25) -> dict:
+def busy_intervals(device_events) -> list[tuple[float, float]]:
+    """The union of the events' time ranges as sorted, disjoint (start, end) intervals."""
+    intervals: list[tuple[float, float]] = []
+    for start, end in sorted((e.time_range.start, e.time_range.end) for e in device_events):
+        if intervals and start <= intervals[-1][1]:
+            intervals[-1] = (intervals[-1][0], max(intervals[-1][1], end))
+        else:
+            intervals.append((start, end))
+    return intervals
+
+
+def idle_gaps(events, device, intervals, min_us: float = 20.0, top: int = 25) -> dict:
     """Where the GPU waits for the CPU: each gap between busy device intervals is charged to
     the step phase (``PHASES``) the CPU was in when the gap ended (when the next kernel got
     launched), and the largest gaps are listed with the innermost CPU op running at their
     middle (what the CPU was busy with) and the kernels either side."""
     from torch.autograd import DeviceType
-    if not spans:
-        return {"by_phase": {}, "largest": []}
-    intervals, cur_s, cur_e = [], spans[0][0], spans[0][1]
-    for s_, e_ in spans[1:]:
-        if s_ > cur_e:
-            intervals.append((cur_s, cur_e))
-            cur_s, cur_e = s_, e_
-        else:
-            cur_e = max(cur_e, e_)
-    intervals.append((cur_s, cur_e))
     gaps = [(b[0] - a[1], a[1], b[0]) for a, b in zip(intervals, intervals[1:]) if b[0] - a[1] >= min_us]
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     phases = [e for e in cpu if e.name in PHASES]
@@ -219,7 +210,7 @@ def idle_gaps(events, spans, min_us: float = 20.0, top: int = 25) -> dict:
         return best
 
     def kernel_near(t, before):
-        cands = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("ualm.") and
+        cands = [e for e in device if
                  (abs(e.time_range.end - t) < 1 if before else abs(e.time_range.start - t) < 1)]
         return cands[0].name[:70] if cands else "?"
 
