@@ -296,6 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-fast-optimizer", action="store_true")
     p.add_argument("--no-wgrad-fusion", action="store_true")
     p.add_argument("--no-host-plan", action="store_true")
+    p.add_argument("--no-clip-in-adam", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny shape on CPU (smoke test of this script)")
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps")
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
                            attention_backend=a.attention_backend, recompute=a.recompute, optimizer="megatron",
                            reference=a.reference, no_fused_ce=a.no_fused_ce, no_compile=a.no_compile,
                            no_fast_optimizer=a.no_fast_optimizer,
-                           no_wgrad_fusion=a.no_wgrad_fusion, no_host_plan=a.no_host_plan, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
+                           no_wgrad_fusion=a.no_wgrad_fusion, no_host_plan=a.no_host_plan, no_clip_in_adam=a.no_clip_in_adam, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
                            min_doc=256, max_doc=2048)
     shape = ms.TINY if a.tiny else ms.FULL
     args.bf16 = not a.tiny

@@ -138,7 +138,7 @@ def build_ualm(args, shape, device):
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.1, bf16=args.bf16,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
         if not (reference or getattr(args, "no_fast_optimizer", False)):
-            fast_optimizer.speed_up(opt)  # as providers.build_optimizer does
+            fast_optimizer.speed_up(opt, clip_in_adam=not getattr(args, "no_clip_in_adam", False))
         net = ddp
     else:
         net = model
@@ -226,18 +226,30 @@ def run_hf(args, shape, device, vocab_rows: int) -> dict:
 
 
 def _time(step, args, device) -> dict:
+    """Mean step time over ``args.steps`` steps after ``args.warmup`` (the figure reported), and
+    the median of the per-step GPU-timeline intervals (CUDA events) to show the spread."""
     for i in range(args.warmup):
         step(i)
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # same start for every model: no blocks cached from compilation
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+        marks[0].record()
     t0 = time.perf_counter()
     for i in range(args.steps):
         loss = step(i)
+        if device.type == "cuda":
+            marks[i + 1].record()
     sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
     tokens = args.micro_batch * args.seq_length * getattr(args, "accumulate", 1)
-    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
+    out = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
+    if device.type == "cuda":
+        per_step = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
+        out["median_step_s"] = per_step[len(per_step) // 2]
+        out["min_step_s"], out["max_step_s"] = per_step[0], per_step[-1]
+    return out
 
 
 def main(argv=None) -> int:
@@ -264,6 +276,9 @@ def main(argv=None) -> int:
                         "(host syncs) instead of the batch's host-side plan")
     p.add_argument("--no-wgrad-fusion", action="store_true",
                    help="bf16 weight gradients added into main_grad by DDP's hook (no accumulation in the GEMM)")
+    p.add_argument("--no-clip-in-adam", action="store_true",
+                   help="megatron's clip (norm read on the host, a scaling pass) instead of the clip inside "
+                        "the fused Adam kernel")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")
@@ -307,7 +322,8 @@ def main(argv=None) -> int:
         label = {"ualm": f"UALMModel ({args.attention_backend} attention, {args.optimizer} optimizer)",
                  "hf": "HF Qwen2ForCausalLM (sdpa, fused AdamW)"}[name]
         print(f"{label:58s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['tflops']:7.1f} TFLOP/s  "
-              f"MFU {100 * r['mfu']:5.1f}%  peak {mem}  step {r['step_s'] * 1e3:.0f} ms  loss {r['loss']:.3f}")
+              f"MFU {100 * r['mfu']:5.1f}%  peak {mem}  step {r['step_s'] * 1e3:.0f} ms"
+              + (f" (median {r['median_step_s'] * 1e3:.0f})" if "median_step_s" in r else "") + f"  loss {r['loss']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "flops_per_token": flops, "results": results}, f, indent=2)

@@ -125,3 +125,70 @@ def test_foreach_param_copy_gives_megatron_copies():
         for a, b in zip(want, got):
             assert a.dtype == torch.bfloat16 and torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(r["want"][0], r["want"][1]))
+
+
+def _clip_runs(_):
+    """Two copies of one tiny model + distributed optimizer (fused Adam, clip 1.0): megatron's
+    host-side clip and the clip inside the Adam kernel, fed the same gradients."""
+    import math
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import build_ualm_model
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    from model_batches import tiny_model_cfg
+
+    init_runtime(device="cpu", seed=3)
+    cfg = tiny_model_cfg()
+    config = transformer_config_from(cfg, None, "bf16")
+    setups = []
+    for clip_in_adam in (False, True):
+        torch.manual_seed(0)
+        model = Float16Module(config, build_ualm_model(cfg, config))
+        ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True, clip_grad=1.0,
+                                                     weight_decay=0.1, use_distributed_optimizer=True), [ddp])
+        inner = getattr(opt, "chained_optimizers", [opt])[0].optimizer
+        inner.register_step_pre_hook(fo._fused_pre_hook)  # what use_fused_adam does on CUDA
+        setattr(inner, fo._MARK, True)
+        if clip_in_adam:
+            assert fo.use_clip_in_adam(opt) == 1
+        setups.append((ddp, opt))
+    g = torch.Generator().manual_seed(1)
+    shapes = [p.shape for p in setups[0][0].parameters() if p.requires_grad]
+    out = {"norms": [], "params": [], "steps": []}
+    for scale in (30.0, 1e-3, float("nan")):  # clipped, not clipped, non-finite
+        grads = [torch.randn(s, generator=g) * scale / math.sqrt(len(shapes)) for s in shapes]
+        norms, params = [], []
+        for ddp, opt in setups:
+            ddp.zero_grad_buffer()
+            for p, gr in zip([p for p in ddp.parameters() if p.requires_grad], grads):
+                p.main_grad.copy_(gr)
+            ok, norm, _ = opt.step()
+            norms.append(float(norm))
+            params.append([p.detach().float().clone() for p in ddp.parameters()])
+        out["norms"].append(norms)
+        out["params"].append(params)
+        inner = getattr(setups[1][1], "chained_optimizers", [setups[1][1]])[0].optimizer
+        out["steps"].append(sorted({float(s["step"]) for s in inner.state.values()}))
+    shutdown_runtime()
+    return out
+
+
+def test_clip_in_adam_gives_megatron_clipping_and_skips_non_finite_norms():
+    from dist_utils import run_distributed
+    (r,) = run_distributed(_clip_runs, 1, None)
+    for i, (want, got) in enumerate(r["norms"][:2]):
+        assert want > 0 and abs(got - want) <= 1e-5 * want, (i, want, got)
+    assert r["norms"][0][0] > 1.0 > r["norms"][1][0]  # the first step clips, the second does not
+    for want, got in r["params"][:2]:
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # a NaN norm: megatron's clip spreads it into the weights; the fused path skips the update
+    assert any(torch.isnan(p).any() for p in r["params"][2][0])
+    for before, after in zip(r["params"][1][1], r["params"][2][1]):
+        assert torch.equal(before, after)
+    assert r["steps"] == [[1.0], [2.0], [2.0]]

@@ -19,7 +19,13 @@ Without them megatron-core (0.16 - 0.19) falls back to
   which also moves each parameter's ``step`` count to its device as the fused kernel needs
   (a checkpoint load may leave CPU ``step`` tensors, ``checkpoint._load_optimizer_state``);
 * copies the updated fp32 main parameters into the bf16 model weights with one
-  ``torch._foreach_copy_`` instead of a Python loop of ``copy_`` launches.
+  ``torch._foreach_copy_`` instead of a Python loop of ``copy_`` launches;
+* clips inside the fused Adam kernel (``use_clip_in_adam``): megatron reads the gradient
+  norm on the host (``.item()``: the CPU waits for the whole backward) and then scales
+  every gradient in a separate pass; instead the norm stays on the device and the fused
+  kernel divides each gradient by ``max(1, (norm + 1e-6) / clip_grad)`` as it reads it --
+  megatron's clip coefficient -- and skips the update when the norm is not finite. The
+  step returns the norm as a 0-dim device tensor (``float()`` it when logging).
 """
 from __future__ import annotations
 
@@ -156,9 +162,70 @@ def use_foreach_param_copy(optimizer) -> int:
     return count
 
 
-def speed_up(optimizer) -> dict:
-    """All of the above; returns what was done (for logging)."""
+# --- clipping inside the fused Adam kernel ------------------------------------------------------------
+def device_grad_norm(grads: list, group, device: torch.device) -> torch.Tensor:
+    """The L2 norm of ``grads`` over ``group`` (summed squares all-reduced) as a 0-dim float32
+    tensor on ``device``: megatron's ``get_grad_norm_fp32`` without reading it on the host."""
+    grads = [g for g in grads if g.numel() > 0]
+    if grads:
+        squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    else:
+        squares = torch.zeros((), dtype=torch.float32, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares, op=torch.distributed.ReduceOp.SUM, group=group)
+    return squares.sqrt()
+
+
+def _clip_in_adam(part, clip_grad: float) -> torch.Tensor:
+    """Gradient norm and clip divisor of a mixed-precision optimizer ``part``, on the device;
+    its fused inner Adam applies the divisor (and skips the update on a non-finite norm)."""
+    params = part.get_parameters()
+    grads = part.get_main_grads_for_grad_norm() if params else []
+    device = params[0].device if params else torch.device("cuda", torch.cuda.current_device())
+    norm = device_grad_norm(grads, part.get_grad_stats_parallel_group(), device)
+    # megatron: coeff = clip / (norm + 1e-6), grads *= coeff when coeff < 1
+    part.optimizer.grad_scale = torch.clamp((norm + 1.0e-6) / clip_grad, min=1.0)
+    part.optimizer.found_inf = (~torch.isfinite(norm)).float()
+    return norm
+
+
+@torch.no_grad()
+def _step_with_clip_in_adam(self):
+    """megatron's optimizer ``step`` (plain or chained with one part) with the clip on the
+    device: prepare grads, norm + clip divisor, optional zero count, the update."""
+    part = getattr(self, "chained_optimizers", [self])[0]
+    if self.prepare_grads():
+        return False, None, None
+    grad_norm = None
+    if part.config.clip_grad > 0.0:
+        grad_norm = _clip_in_adam(part, part.config.clip_grad)
+    else:
+        part.optimizer.grad_scale = part.optimizer.found_inf = None
+    num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+    return self.step_with_ready_grads(), grad_norm, num_zeros
+
+
+def use_clip_in_adam(optimizer) -> int:
+    """Give a megatron mixed-precision optimizer (plain, or chained with a single part) whose
+    inner torch Adam runs fused (``use_fused_adam``) the device-side clip above. Several
+    chained parts keep megatron's path. Returns how many optimizers changed (0 or 1)."""
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) != 1:
+        return 0
+    part = parts[0]
+    if (not isinstance(part, MixedPrecisionOptimizer) or getattr(part, "is_stub_optimizer", False)
+            or not getattr(getattr(part, "optimizer", None), _MARK, False)
+            or getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)):
+        return 0
+    optimizer.step = _step_with_clip_in_adam.__get__(optimizer)
+    return 1
+
+
+def speed_up(optimizer, clip_in_adam: bool = True) -> dict:
+    """All of the above (``clip_in_adam=False``: megatron's clip); returns what was done."""
     done = {"multi_tensor_ops": install_foreach_multi_tensor_ops(), "fused_adam": use_fused_adam(optimizer),
             "foreach_param_copy": use_foreach_param_copy(optimizer)}
+    done["clip_in_adam"] = use_clip_in_adam(optimizer) if clip_in_adam else 0
     log.info("optimizer speed-ups: %s", done)
     return done
