@@ -171,6 +171,7 @@ def build_ualm(args, shape, device):
             return loss
         return step
 
+    make_step.parts = dict(net=net, opt=opt, ddp=ddp if args.optimizer == "megatron" else None)
     return model, make_step
 
 

@@ -1,6 +1,6 @@
 """Compiled elementwise paths (``model/fusions.py``) against their eager functions.
 
-RMSNorm, SwiGLU and RoPE run through ``torch.compile`` on CUDA. On CPU the same compiled
+RMSNorm and RoPE (and SwiGLU in the inference graph) run through ``torch.compile`` on CUDA. On CPU the same compiled
 functions (Inductor's CPU backend) are compared with eager forward and backward; the RoPE
 function is also checked against megatron's own unfused RoPE, which it replaces on CUDA.
 The ``gpu`` tests compare the CUDA-compiled functions with eager on the device.

@@ -25,18 +25,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-import torch
 import torch.nn.functional as F
 
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
 from megatron_ualm.model.norm import RMSNorm
-
-
-def swiglu(y: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for fc1's output [..., 2F] laid out as [gate; up]."""
-    gate, up = torch.chunk(y, 2, dim=-1)
-    return F.silu(gate) * up
+from megatron_ualm.model.swiglu import fused_swiglu
+from megatron_ualm.model.swiglu import swiglu_reference as swiglu  # the eager definition (inference graph, tests)
 
 
 class _QuietUnknownMLP(logging.Filter):
@@ -52,10 +47,10 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Quie
 
 
 class SwiGLUMLP(MLP):
-    """megatron's MLP with the gated SiLU fused on CUDA (``fusions``): one kernel each way, and
-    backward keeps fc1's output only (eager keeps SiLU(gate) as well). Anything beyond the
-    plain Qwen2 case (bias, per-token scales, TE activations, clamping) goes to megatron's
-    own forward."""
+    """megatron's MLP with the gated SiLU fused on CUDA (``swiglu.fused_swiglu``, Triton): one
+    kernel each way, and backward keeps fc1's output only (eager keeps SiLU(gate) as well);
+    eager on CPU or with ``fusions.ENABLED`` off. Anything beyond the plain Qwen2 case (bias,
+    per-token scales, TE activations, clamping) goes to megatron's own forward."""
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         cfg = self.config
@@ -67,7 +62,7 @@ class SwiGLUMLP(MLP):
         if bias is not None:
             intermediate = intermediate + bias
         with fusions.scope("ualm.swiglu"):
-            intermediate = fusions.maybe_compiled(swiglu, intermediate)(intermediate)
+            intermediate = fused_swiglu(intermediate) if fusions.ENABLED else swiglu(intermediate)
         return self.linear_fc2(intermediate)
 
 
