@@ -153,6 +153,14 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
         gaps = {"by_phase": {}, "largest": []}
     total_kernel = sum(cats.values())
     per_step = {k: v / steps / 1e3 for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    # the CPU side: time inside each ualm.* range (inclusive) and the ops with the most own time
+    scope_cpu: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("ualm."):
+            scope_cpu[e.name][0] += e.cpu_time_total
+            scope_cpu[e.name][1] += 1
+    own_cpu = sorted(((a.key, a.self_cpu_time_total, a.count) for a in prof.key_averages()
+                      if not a.key.startswith("ualm.")), key=lambda t: -t[1])[:25]
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
     return {
         "ms_per_step": per_step,
@@ -168,6 +176,10 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
         "idle_ms_per_step_by_phase": {k: v / steps / 1e3 for k, v in sorted(
             gaps["by_phase"].items(), key=lambda kv: -kv[1])},
         "largest_gaps": gaps["largest"],
+        "cpu_ms_per_step_by_scope": {k: {"ms": v[0] / steps / 1e3, "calls": v[1] / steps}
+                                     for k, v in sorted(scope_cpu.items(), key=lambda kv: -kv[1][0])},
+        "top_cpu_ops": [{"name": n[:120], "self_cpu_ms_per_step": us / steps / 1e3, "calls_per_step": c / steps}
+                        for n, us, c in own_cpu],
     }
 
 
@@ -246,6 +258,12 @@ def print_breakdown(b: dict, title: str) -> None:
     for g in b.get("largest_gaps", [])[:15]:
         print(f"  {g['us']:8.0f} {g['phase']:20s} {g['cpu_ops'][:110]}")
         print(f"  {'':8s} {'':20s} after {g['kernel_before'][:45]} | before {g['kernel_after'][:45]}")
+    print("-- CPU time per step inside each range (ms, inclusive; the profiler slows the CPU) --")
+    for k, v in b.get("cpu_ms_per_step_by_scope", {}).items():
+        print(f"  {k:45s} {v['ms']:8.2f}  ({v['calls']:.0f} calls)")
+    print("-- CPU ops with the most own time per step (ms) --")
+    for t in b.get("top_cpu_ops", [])[:20]:
+        print(f"  {t['self_cpu_ms_per_step']:7.2f} ms {t['calls_per_step']:6.0f}x  {t['name'][:100]}")
     print(f"-- top kernels --")
     for t in b["top_kernels"][:20]:
         print(f"  {t['ms_per_step']:7.2f} ms {t['calls_per_step']:6.0f}x  [{t['category'][:22]:22s}] {t['name'][:90]}")
