@@ -1,8 +1,9 @@
 """Compiled elementwise paths (``model/fusions.py``) against their eager functions.
 
-RMSNorm and RoPE (and SwiGLU in the inference graph) run through ``torch.compile`` on CUDA. On CPU the same compiled
-functions (Inductor's CPU backend) are compared with eager forward and backward; the RoPE
-function is also checked against megatron's own unfused RoPE, which it replaces on CUDA.
+The inference graph runs RMSNorm, SwiGLU and RoPE through ``torch.compile`` on CUDA (training
+uses Triton kernels: test_model_norm_kernel, test_model_rope_kernel, test_model_swiglu). On
+CPU the same compiled functions (Inductor's CPU backend) are compared with eager forward and
+backward; the RoPE function is also checked against megatron's own unfused RoPE.
 The ``gpu`` tests compare the CUDA-compiled functions with eager on the device.
 """
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """Elementwise fusions through ``torch.compile`` on CUDA, the eager function elsewhere.
 
-The model's elementwise pieces (RMSNorm, RoPE; SwiGLU in the inference graph) are written
-once as plain PyTorch functions; on CUDA they run compiled (Inductor generates one Triton
-kernel per direction and AOTAutograd keeps only what backward needs), on CPU eagerly. The
-training MLP's SwiGLU has its own Triton kernels (``model/swiglu.py``; Inductor's backward ran
-at about half the memory bandwidth). Tests compare the compiled and
+The model's elementwise pieces (RMSNorm, SwiGLU, RoPE) are written once as plain PyTorch
+functions. ``compiled`` / ``maybe_compiled`` run such a function through ``torch.compile``
+on CUDA (Inductor generates one Triton kernel per direction and AOTAutograd keeps only what
+backward needs) and eagerly elsewhere; the inference graph uses them. Training uses
+hand-written Triton kernels in autograd Functions for the three (``norm``, ``swiglu``,
+``rope``): a compiled call costs the host ~0.3 ms (guards, AOTAutograd and Inductor
+wrappers), which left the GPU waiting in the forward, and Inductor's SwiGLU backward ran at
+about half the memory bandwidth. Tests compare the compiled and
 eager functions (``tests/test_model_fusions.py``, CPU Inductor; GPU tests marked ``gpu``).
 
-``ENABLED`` (env ``UALM_COMPILE=0`` turns it off) switches every compiled path (and the SwiGLU
-kernels) back to eager,
+``ENABLED`` (env ``UALM_COMPILE=0`` turns it off) switches every compiled path and the
+kernels back to eager,
 e.g. for debugging or to measure what the fusions give.
 """
 from __future__ import annotations
