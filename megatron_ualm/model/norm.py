@@ -56,15 +56,15 @@ if HAVE_TRITON:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, N, H, rows_per_program,
-                             BLOCK: tl.constexpr):
+    def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, N, H,
+                             ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < H
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        first = program.to(tl.int64) * rows_per_program
-        for i in range(0, rows_per_program):
+        first = program.to(tl.int64) * ROWS_PER_PROGRAM
+        for i in range(0, ROWS_PER_PROGRAM):
             row = first + i
             if row < N:
                 x = tl.load(x_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
@@ -111,13 +111,14 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    programs = max(1, min(rows, 4 * sms))
-    per_program = triton.cdiv(rows, programs) if rows else 0
+    # rows per program: a power of two (few compiled variants) giving about 4 programs per SM
+    per_program = triton.next_power_of_2(triton.cdiv(rows, 4 * sms)) if rows else 1
+    programs = max(1, triton.cdiv(rows, per_program))
     partial = torch.empty(programs, hidden, dtype=torch.float32, device=x.device)
     if rows:
         block, warps = _block(hidden)
-        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, partial, rows, hidden, per_program,
-                                          BLOCK=block, num_warps=warps)
+        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, partial, rows, hidden,
+                                          ROWS_PER_PROGRAM=per_program, BLOCK=block, num_warps=warps)
     else:
         partial.zero_()
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)

@@ -76,8 +76,8 @@ def rotate(t: Tensor, freqs: Tensor) -> Tensor:
 
 if HAVE_TRITON:
     @triton.jit
-    def _rope_kernel(x_ptr, f_ptr, out_ptr, n_pos, batch, heads, half,
-                     xs_s, xs_b, xs_h, fs_s, fs_b,
+    def _rope_kernel(x_ptr, f_ptr, out_ptr, n_pos, batch, half,
+                     xs_s, xs_b, xs_h, fs_s, fs_b, HEADS: tl.constexpr,
                      BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_D: tl.constexpr):
         # One program per BLOCK_P consecutive (s, b) positions (pos = s * batch + b), looping over
@@ -107,11 +107,11 @@ if HAVE_TRITON:
         sin2 = tl.sin(a2)[:, None, :]
 
         x_base = (s_idx * xs_s + b_idx * xs_b)[:, None, None] + cols[None, None, :]  # [P, 1, D]
-        o_base = (pos * heads)[:, None, None]
+        o_base = (pos * HEADS)[:, None, None]
         pc_mask = pos_in[:, None, None] & col_in[None, None, :]
-        for h0 in range(0, heads, BLOCK_H):
+        for h0 in range(0, HEADS, BLOCK_H):  # HEADS constexpr: one variant per head count (q, k)
             hh = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]  # [1, H, 1]
-            mask = pc_mask & (hh < heads)
+            mask = pc_mask & (hh < HEADS)
             x_at = x_base + hh * xs_h
             x1 = tl.load(x_ptr + x_at, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(x_ptr + x_at + half, mask=mask, other=0.0).to(tl.float32)
@@ -167,8 +167,8 @@ def _launch(x: Tensor, freqs: Tensor, backward: bool, num_warps: int = NUM_WARPS
     block_h = min(HEADS_PER_STEP, triton.next_power_of_2(heads))
     fs_b = freqs.stride(1) if freqs.shape[1] != 1 else 0
     grid = (triton.cdiv(s * b, block_p),)
-    _rope_kernel[grid](x, freqs, out, s * b, b, heads, half,
-                       xs[0], xs[1], xs[2], freqs.stride(0), fs_b,
+    _rope_kernel[grid](x, freqs, out, s * b, b, half,
+                       xs[0], xs[1], xs[2], freqs.stride(0), fs_b, HEADS=heads,
                        BACKWARD=backward, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d,
                        num_warps=num_warps)
     return out
