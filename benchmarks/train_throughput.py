@@ -232,6 +232,10 @@ def _time(step, args, device) -> dict:
     for i in range(args.warmup):
         step(i)
     sync(device)
+    frozen = not getattr(args, "no_gc_freeze", False)
+    if frozen:  # as the trainer does after its first step (training.gc_freeze), for both models
+        gc.collect()
+        gc.freeze()
     if device.type == "cuda":  # same start for every model: no blocks cached from compilation
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -244,6 +248,8 @@ def _time(step, args, device) -> dict:
             marks[i + 1].record()
     sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
+    if frozen:
+        gc.unfreeze()
     tokens = args.micro_batch * args.seq_length * getattr(args, "accumulate", 1)
     out = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
     if device.type == "cuda":
@@ -280,6 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-clip-in-adam", action="store_true",
                    help="megatron's clip (norm read on the host, a scaling pass) instead of the clip inside "
                         "the fused Adam kernel")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave Python's GC scanning every object (the trainer freezes those alive after "
+                        "its first step: training.gc_freeze)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")

@@ -14,6 +14,7 @@ restart from the checkpoint of iteration i continues exactly where the run was.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -236,6 +237,7 @@ def pretrain(cfg) -> ckpt.TrainState:
     try:
         return _pretrain(cfg, runtime)
     finally:
+        gc.unfreeze()  # training.gc_freeze: let a later run in this process collect this one
         shutdown_runtime()
 
 
@@ -293,6 +295,7 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
             print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
 
     window_time, window_wait, window_steps = 0.0, 0.0, 0
+    first_iteration = state.iteration
     while state.iteration < t.train_iters:
         step_start = time.perf_counter()
         batches, wait = data.next_iteration()
@@ -307,6 +310,9 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
             state.skipped_iterations += 1
         state.iteration += 1
         state.consumed_rows += t.global_batch_size
+        if t.gc_freeze and state.iteration == first_iteration + 1:
+            gc.collect()  # once, after the first step: what lives now lives for the whole run
+            gc.freeze()
         window_wait += wait
         window_steps += 1
 
