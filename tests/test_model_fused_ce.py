@@ -90,19 +90,14 @@ def test_head_cross_entropy_matches_materialised_logits():
     torch.testing.assert_close(weight.grad, w2.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_ualm.runtime import init_runtime, shutdown_runtime
-    rt = init_runtime(device="cpu", seed=5)
-    yield rt
-    shutdown_runtime()
-
-
-@pytest.mark.parametrize("audio_head", ["codebook", "all_audio"])
-def test_fused_head_matches_unfused_head(runtime, audio_head):
+def _fused_vs_unfused_head(audio_head: str) -> bool:
+    """In a child process (the CPU runtime patches torch.cuda process-wide, which would break
+    the GPU tests of this module): the fused and the unfused head on one packed batch."""
     from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.model.transformer_config import transformer_config_from
     from megatron_ualm.model.ualm_model import UALMModel
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    init_runtime(device="cpu", seed=5)
     cfg = tiny_model_cfg(audio_head=audio_head)
     torch.manual_seed(0)
     model = UALMModel(cfg, transformer_config_from(cfg, None, "fp32"))
@@ -123,7 +118,14 @@ def test_fused_head_matches_unfused_head(runtime, audio_head):
     assert set(g0) == set(g1)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-4, msg=n)
-    model.head.fused_ce = True
+    shutdown_runtime()
+    return True
+
+
+@pytest.mark.parametrize("audio_head", ["codebook", "all_audio"])
+def test_fused_head_matches_unfused_head(audio_head):
+    from dist_utils import run_distributed
+    assert run_distributed(_fused_vs_unfused_head, 1, audio_head) == [True]
 
 
 # --- GPU ------------------------------------------------------------------------------------------------
