@@ -7,7 +7,9 @@ ever waiting for the GPU: the CPU's wall time for the call is its issue time, an
 events around the phase's work (queued behind the sleep) give the GPU's time with no gaps.
 A phase whose CPU time exceeds its GPU time leaves the GPU waiting by about the difference
 in a normal step (less where an earlier phase built up a lead). A host sync inside a phase
-shows as a CPU time of about the sleep itself.
+shows as a CPU time of about the sleep itself. Caveat (H200, torch 2.11): the backward's
+issue time reads higher than the whole measured step allows (a deep queue of pending launches
+behind the sleep seems to slow them), so trust it for the forward and compare within a run.
 
     python benchmarks/host_overhead.py [--accumulate N] [--json out.json]
 """
