@@ -40,8 +40,6 @@ def main(argv=None) -> int:
         return 0
     from types import SimpleNamespace
 
-    from megatron.core.distributed import finalize_model_grads
-    from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
 
     device = torch.device("cuda")
@@ -49,13 +47,12 @@ def main(argv=None) -> int:
     args = SimpleNamespace(bf16=True, seq_length=4096, micro_batch=2, attention_backend="auto", recompute="none",
                            optimizer="megatron", accumulate=a.accumulate, min_doc=256, max_doc=2048,
                            no_clip_in_adam=a.no_clip_in_adam)
-    model, make_step = tt.build_ualm(args, tt.FULL, device)
-    batches = tt.ualm_batches(args, model, device)
-    step = make_step(batches)
+    model, make_phases = tt.build_ualm(args, tt.FULL, device)
+    phases = make_phases(tt.ualm_batches(args, model, device))
+    step = tt.step_of(phases, a.accumulate)
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
-    net, opt, ddp = (make_step.parts[k] for k in ("net", "opt", "ddp"))
 
     # cycles per ms of the sleep kernel, measured
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,35 +62,16 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     cycles_per_ms = 10_000_000 / start.elapsed_time(end)
 
-    state = {}
-
-    def zero():
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-
-    def forward(j):
-        b = batches[j % len(batches)]
-        out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
-                  loss_weights=b["loss_weights"], plan=b["plan"])
-        state["loss"] = ualm_loss(out.ce, b["loss_weights"])
-
-    def backward():
-        state.pop("loss").backward()
-
-    def optimizer():
-        finalize_model_grads([ddp])
-        opt.step()
-
-    def phases():
-        yield "zero grads", zero
+    def named_phases():
+        yield "zero grads", phases.zero_grad
         for j in range(a.accumulate):
-            yield f"forward {j}" if a.accumulate > 1 else "forward", lambda j=j: forward(j)
-            yield f"backward {j}" if a.accumulate > 1 else "backward", backward
-        yield "finalize + optimizer", optimizer
+            yield f"forward {j}" if a.accumulate > 1 else "forward", lambda j=j: phases.forward(j)
+            yield f"backward {j}" if a.accumulate > 1 else "backward", phases.backward
+        yield "finalize + optimizer", phases.optimizer
 
     rows = {}
     for _ in range(a.repeats):
-        for name, fn in phases():
+        for name, fn in named_phases():
             torch.cuda.synchronize()
             torch.cuda._sleep(int(a.sleep_ms * cycles_per_ms))
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

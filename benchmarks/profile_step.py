@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     shape = ms.TINY if a.tiny else ms.FULL
     args.bf16 = not a.tiny
     t0 = time.perf_counter()
-    model, make_step = ms.build_ualm(args, shape, device)
+    model, make_phases = ms.build_ualm(args, shape, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"model built in {time.perf_counter() - t0:.1f} s; {name}; "
           f"{'reference' if a.reference else 'speed-ups on'}", flush=True)
@@ -349,8 +349,7 @@ def main(argv=None) -> int:
         args.seq_length, args.micro_batch = seq, mb
         args.min_doc, args.max_doc = (256, 2048) if kind == "packed" else (seq, seq)
         batches = ms.ualm_batches(args, model, device)
-        base_step = make_step(batches)
-        step = base_step
+        step = ms.step_of(make_phases(batches), a.accumulate)
         ms.sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -360,7 +359,7 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError as e:
             print(f"{seq}x{mb} {kind}: out of memory ({str(e)[:200]})", flush=True)
             results["runs"][f"{seq}x{mb}:{kind}"] = {"oom": True}
-            batches = step = base_step = None
+            batches = step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -389,7 +388,7 @@ def main(argv=None) -> int:
                 for n, where in r["syncs"][:20]:
                     print(f"  {n:4d}x  {where[:150]}")
         results["runs"][f"{seq}x{mb}:{kind}"] = r
-        batches = step = base_step = None
+        batches = step = None
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -105,8 +106,8 @@ def peak_memory_gb(device) -> float | None:
 
 
 def build_ualm(args, shape, device):
-    """UALMModel wrapped as training runs it; returns (model, make_step) where
-    ``make_step(batches)`` gives ``step(i)`` (one forward + backward + optimizer step)."""
+    """UALMModel wrapped as training runs it; returns (model, make_phases) where
+    ``make_phases(batches)`` gives the step's ``Phases`` (``step_of`` makes the step)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
@@ -145,34 +146,64 @@ def build_ualm(args, shape, device):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1,
                                 fused=device.type == "cuda")
 
-    accumulate = getattr(args, "accumulate", 1)
     no_plan = reference or getattr(args, "no_host_plan", False)
+    megatron = args.optimizer == "megatron"
 
-    def make_step(batches):
-        def step(i):  # the scopes name profiler ranges (profile_step.py); no-ops otherwise
+    def make_phases(batches) -> Phases:
+        held = {}  # the loss between forward and backward
+
+        def zero_grad():
             with scope("ualm.zero_grad"):
-                if args.optimizer == "megatron":
+                if megatron:
                     ddp.zero_grad_buffer()
                 opt.zero_grad()
-            for j in range(accumulate):
-                b = batches[(i * accumulate + j) % len(batches)]
-                with scope("ualm.forward"):
-                    out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
-                              loss_weights=b["loss_weights"], plan=None if no_plan else b["plan"])
-                with scope("ualm.loss"):
-                    loss = ualm_loss(out.ce, b["loss_weights"])
-                with scope("ualm.backward"):
-                    loss.backward()
+
+        def forward(j: int):
+            b = batches[j % len(batches)]
+            with scope("ualm.forward"):
+                out = net(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"],
+                          loss_weights=b["loss_weights"], plan=None if no_plan else b["plan"])
+            with scope("ualm.loss"):
+                held["loss"] = ualm_loss(out.ce, b["loss_weights"])
+
+        def backward():
+            loss = held.pop("loss")
+            with scope("ualm.backward"):
+                loss.backward()
+            return loss
+
+        def optimizer():
             with scope("ualm.finalize_grads"):
-                if args.optimizer == "megatron":
+                if megatron:
                     finalize_model_grads([ddp])
             with scope("ualm.optimizer"):
                 opt.step()
-            return loss
-        return step
 
-    make_step.parts = dict(net=net, opt=opt, ddp=ddp if args.optimizer == "megatron" else None)
-    return model, make_step
+        return Phases(zero_grad, forward, backward, optimizer)
+
+    return model, make_phases
+
+
+class Phases(NamedTuple):
+    """The parts of one UALM training step (``build_ualm``); each opens the profiler range
+    profile_step.py reads (no-ops otherwise). ``forward(j)`` runs micro-batch j and keeps its
+    loss, ``backward()`` back-propagates it and returns it."""
+    zero_grad: Callable[[], None]
+    forward: Callable[[int], None]
+    backward: Callable[[], torch.Tensor]
+    optimizer: Callable[[], None]
+
+
+def step_of(phases: Phases, accumulate: int = 1) -> Callable[[int], torch.Tensor]:
+    """``step(i)``: one optimizer step over micro-batches i * accumulate ... (+ accumulate - 1)."""
+    def step(i: int) -> torch.Tensor:
+        phases.zero_grad()
+        for j in range(accumulate):
+            phases.forward(i * accumulate + j)
+            loss = phases.backward()
+        phases.optimizer()
+        return loss
+    return step
 
 
 def ualm_batches(args, model, device, seed: int = 0) -> list:
@@ -182,11 +213,11 @@ def ualm_batches(args, model, device, seed: int = 0) -> list:
 
 
 def run_ualm(args, shape, device) -> dict:
-    model, make_step = build_ualm(args, shape, device)
-    result = _time(make_step(ualm_batches(args, model, device)), args, device)
+    model, make_phases = build_ualm(args, shape, device)
+    result = _time(step_of(make_phases(ualm_batches(args, model, device)), args.accumulate), args, device)
     result["params"] = sum(p.numel() for p in model.parameters())
     result["vocab_rows"] = model.vocab.padded_size
-    del model, make_step
+    del model, make_phases
     return result
 
 
