@@ -11,16 +11,13 @@ autograd at training sizes, forward and backward, and megatron's RoPE after
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from kernel_utils import run_under_triton_interpreter
 from megatron_ualm.model import rope as rp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BASE = 1e6  # Qwen2's RoPE base
 
@@ -179,10 +176,7 @@ print("ok")
 
 
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_under_triton_interpreter(_INTERPRETED, timeout=600)
 
 
 # --- GPU ------------------------------------------------------------------------------------------------
