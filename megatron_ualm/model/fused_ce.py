@@ -43,12 +43,7 @@ from torch import Tensor
 
 NEG_INF = float("-inf")
 
-try:  # Triton ships with CUDA builds of torch; absent on the CPU test machines
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except Exception:  # ImportError, or a broken install
-    HAVE_TRITON = False
+from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
 
 if HAVE_TRITON:

@@ -10,7 +10,8 @@ wrappers), which left the GPU waiting in the forward, and Inductor's SwiGLU back
 about half the memory bandwidth. Tests compare the compiled and
 eager functions (``tests/test_model_fusions.py``, CPU Inductor; GPU tests marked ``gpu``).
 
-``ENABLED`` (env ``UALM_COMPILE=0`` turns it off) switches every compiled path and the
+``HAVE_TRITON`` (with ``triton`` / ``tl``, None without it) is the one Triton import the kernel
+modules share. ``ENABLED`` (env ``UALM_COMPILE=0`` turns it off) switches every compiled path and the
 kernels back to eager,
 e.g. for debugging or to measure what the fusions give.
 """
@@ -22,6 +23,14 @@ import os
 from typing import Callable
 
 import torch
+
+try:  # Triton ships with CUDA builds of torch; absent on the CPU test machines
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install
+    triton = tl = None
+    HAVE_TRITON = False
 
 ENABLED = os.environ.get("UALM_COMPILE", "1") != "0"
 

@@ -25,13 +25,7 @@ import torch
 from torch import nn
 
 from megatron_ualm.model import fusions
-
-try:  # Triton ships with CUDA builds of torch; absent on the CPU test machines
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except Exception:  # ImportError, or a broken install
-    HAVE_TRITON = False
+from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -26,12 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-try:  # Triton ships with CUDA builds of torch; absent on the CPU test machines
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except Exception:  # ImportError, or a broken install
-    HAVE_TRITON = False
+from megatron_ualm.model import fusions
+from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
 
 class RotaryAngles(nn.Module):
@@ -220,7 +216,6 @@ def install_fused_rope() -> None:
     about eight elementwise kernels per q/k each way. Idempotent, process-wide (megatron offers
     no per-model hook for this without TE's fused kernel)."""
     from megatron.core.models.common.embeddings import rope_utils
-    from megatron_ualm.model import fusions
 
     original = rope_utils._apply_rotary_pos_emb_bshd
     if getattr(original, _FUSED_MARK, False):

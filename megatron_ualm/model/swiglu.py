@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton ships with CUDA builds of torch; absent on the CPU test machines
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except Exception:  # ImportError, or a broken install
-    HAVE_TRITON = False
+from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
 
 def swiglu_reference(y: Tensor) -> Tensor:
