@@ -157,10 +157,9 @@ def breakdown(prof, steps: int, on_cpu: bool = False) -> dict:
     scope_cpu: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.device_type == DeviceType.CPU and e.name.startswith("ualm."):
-            scope_cpu[e.name][0] += getattr(e, "cpu_time_total", 0.0)
+            scope_cpu[e.name][0] += e.cpu_time_total
             scope_cpu[e.name][1] += 1
-    averages = prof.key_averages() if hasattr(prof, "key_averages") else []
-    own_cpu = sorted(((a.key, a.self_cpu_time_total, a.count) for a in averages
+    own_cpu = sorted(((a.key, a.self_cpu_time_total, a.count) for a in prof.key_averages()
                       if not a.key.startswith("ualm.")), key=lambda t: -t[1])[:25]
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
     return {

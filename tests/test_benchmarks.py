@@ -43,7 +43,7 @@ def test_profile_breakdown_counts_idle_from_device_work_only():
 
     def ev(name, dev, start, end, parent=None, kernels=()):
         return N(name=name, device_type=dev, time_range=N(start=start, end=end), cpu_parent=parent,
-                 kernels=list(kernels), cpu_children=[], sequence_nr=-1)
+                 kernels=list(kernels), cpu_children=[], sequence_nr=-1, cpu_time_total=end - start)
     fwd = ev("ualm.forward", DeviceType.CPU, 0, 100)
     opt = ev("ualm.optimizer", DeviceType.CPU, 100, 200)
     mm = ev("aten::mm", DeviceType.CPU, 1, 5, fwd, [N(name="gemm", duration=30)])
@@ -51,9 +51,11 @@ def test_profile_breakdown_counts_idle_from_device_work_only():
     events = [fwd, opt, mm, sync, ev("ualm.forward", DeviceType.CUDA, 0, 100),  # an annotation span
               ev("gemm", DeviceType.CUDA, 0, 30), ev("stray", DeviceType.CUDA, 60, 70),
               ev("adam", DeviceType.CUDA, 150, 160)]
-    b = ps.breakdown(N(events=lambda: events), steps=1)
+    b = ps.breakdown(N(events=lambda: events, key_averages=lambda: []), steps=1)
     assert b["gpu_busy_ms_per_step"] == 30e-3 + 10e-3 + 10e-3
     assert b["idle_ms_per_step"] == (30 + 80) * 1e-3
     assert b["idle_ms_per_step_by_phase"] == {"ualm.optimizer": 80e-3, "ualm.forward": 30e-3}
     assert b["largest_gaps"][1]["cpu_ops"] == "aten::item < ualm.forward"
     assert [e["name"] for e in b["unlinked_device_events"]] == ["stray", "adam"]
+    # CPU time inside each ualm.* range (the CPU events only; the GPU annotation span is not one)
+    assert {k: v["ms"] for k, v in b["cpu_ms_per_step_by_scope"].items()} == {"ualm.forward": 0.1, "ualm.optimizer": 0.1}

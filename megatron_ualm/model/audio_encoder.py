@@ -170,4 +170,3 @@ class AudioEncoder(nn.Module):
             raise AssertionError(f"the {self.kind} encoder gave {frames.shape[0]} frames for clips "
                                  f"expecting {counts} (sum {sum(counts)})")
         return self.adapter(frames.to(self.adapter.weight.dtype))
-
