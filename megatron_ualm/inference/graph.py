@@ -46,8 +46,8 @@ from torch import Tensor
 
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import document_causal_mask
-from megatron_ualm.model.layer_spec import swiglu
 from megatron_ualm.model.rope import rotate
+from megatron_ualm.model.swiglu import swiglu_reference
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class GraphForward:
                                                      scale=self.scale, enable_gqa=True).transpose(1, 2)
             hidden = hidden + _linear(out.reshape(R, S, ng * rep * hn), attn.linear_proj)
             up = _linear(layer.pre_mlp_layernorm(hidden), layer.mlp.linear_fc1)
-            hidden = hidden + _linear(fusions.maybe_compiled(swiglu, up)(up), layer.mlp.linear_fc2)
+            hidden = hidden + _linear(fusions.maybe_compiled(swiglu_reference, up)(up), layer.mlp.linear_fc2)
         return self.model.decoder.final_layernorm(hidden)
 
     def _capture(self):

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
 from megatron_ualm.model.norm import RMSNorm
-from megatron_ualm.model.swiglu import fused_swiglu
-from megatron_ualm.model.swiglu import swiglu_reference as swiglu  # the eager definition (inference graph, tests)
+from megatron_ualm.model.swiglu import fused_swiglu, swiglu_reference
 
 
 class _QuietUnknownMLP(logging.Filter):
@@ -62,7 +61,7 @@ class SwiGLUMLP(MLP):
         if bias is not None:
             intermediate = intermediate + bias
         with fusions.scope("ualm.swiglu"):
-            intermediate = fused_swiglu(intermediate) if fusions.ENABLED else swiglu(intermediate)
+            intermediate = fused_swiglu(intermediate) if fusions.ENABLED else swiglu_reference(intermediate)
         return self.linear_fc2(intermediate)
 
 
