@@ -105,6 +105,12 @@ def peak_memory_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
+def peak_reserved_gb(device) -> float | None:
+    """Peak memory the allocator held: with CUDA graphs this is the figure that counts (a graph's
+    replays use its pool's memory without allocating, so the allocated peak misses them)."""
+    return torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
+
+
 def build_ualm(args, shape, device):
     """UALMModel wrapped as training runs it; returns (model, make_phases) where
     ``make_phases(batches)`` gives the step's ``Phases`` (``step_of`` makes the step)."""
@@ -140,6 +146,11 @@ def build_ualm(args, shape, device):
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
         if not (reference or getattr(args, "no_fast_optimizer", False)):
             fast_optimizer.speed_up(opt, clip_in_adam=not getattr(args, "no_clip_in_adam", False))
+        if not (reference or getattr(args, "no_cuda_graphs", False)):
+            from megatron_ualm.training.cuda_graphs import enable_decoder_graph
+            blocker = enable_decoder_graph(ddp)  # as the trainer does (training.cuda_graphs)
+            if blocker is not None and device.type == "cuda":
+                print(f"decoder CUDA graph off: {blocker}", file=sys.stderr)
         net = ddp
     else:
         net = model
@@ -282,7 +293,8 @@ def _time(step, args, device) -> dict:
     if frozen:
         gc.unfreeze()
     tokens = args.micro_batch * args.seq_length * getattr(args, "accumulate", 1)
-    out = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device)}
+    out = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss.item(), "peak_gb": peak_memory_gb(device),
+           "peak_reserved_gb": peak_reserved_gb(device)}
     if device.type == "cuda":
         per_step = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
         out["median_step_s"] = per_step[len(per_step) // 2]
@@ -320,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-gc-freeze", action="store_true",
                    help="leave Python's GC scanning every object (the trainer freezes those alive after "
                         "its first step: training.gc_freeze)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the decoder eagerly instead of replaying its captured CUDA graphs "
+                        "(the trainer's training.cuda_graphs)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")
@@ -359,7 +374,8 @@ def main(argv=None) -> int:
         r["tflops"] = flops * r["tokens_per_s"] / 1e12
         r["mfu"] = r["tflops"] / PEAK_TFLOPS
         results[name] = r
-        mem = f"{r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else "n/a (CPU)"
+        mem = (f"{r['peak_gb']:.1f} GB (reserved {r['peak_reserved_gb']:.1f})" if r["peak_gb"] is not None
+               else "n/a (CPU)")
         label = {"ualm": f"UALMModel ({args.attention_backend} attention, {args.optimizer} optimizer)",
                  "hf": "HF Qwen2ForCausalLM (sdpa, fused AdamW)"}[name]
         print(f"{label:58s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['tflops']:7.1f} TFLOP/s  "

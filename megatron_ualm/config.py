@@ -138,6 +138,8 @@ class TrainingConfig:
     log_interval: int = 10           # iterations between log lines
     gc_freeze: bool = True           # after the first step, exclude the objects alive then (model,
     #                                  optimizer, compiled code) from Python's GC scans: shorter pauses
+    cuda_graphs: bool = True         # replay the decoder layers as CUDA graphs (GPU, TP=PP=CP=1, no
+    #                                  recompute/dropout/overlap_param_gather; else eager, logged why)
 
 
 @dataclass

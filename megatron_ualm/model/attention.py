@@ -145,6 +145,10 @@ class MaskCache:
     def clear(self):
         self._entries.clear()
 
+    def values(self) -> list:
+        """The cached masks (a CUDA graph that captured them keeps them alive)."""
+        return [entry[2] for entry in self._entries.values()]
+
 
 # --- the kernels, on [b, heads, s, d] --------------------------------------------------------
 def unfused_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:

@@ -75,6 +75,7 @@ class UALMModel(MegatronModule):
         self.share_embeddings_and_output_weights = False  # read by megatron's grad finalisation
         self.vocab = padded_vocab(model_cfg, config.tensor_model_parallel_size)
         self.mask_cache = MaskCache()
+        self.decoder_graph = None  # training.cuda_graphs: a training.cuda_graphs.DecoderGraph
         self.rotary = RotaryAngles(config.kv_channels, model_cfg.rotary_base)
         install_fused_rope()  # CUDA only, same math (rope.py)
 
@@ -184,9 +185,13 @@ class UALMModel(MegatronModule):
         attention_mask = None
         if inference_context is None and (plan.packed if plan is not None else is_packed(document_ids)):
             attention_mask = document_ids
-        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
-                              rotary_pos_emb=self._rotary(position_ids, inference_context),
-                              inference_context=inference_context)
+        rotary = self._rotary(position_ids, inference_context)
+        graph = self.decoder_graph
+        if graph is not None and hidden is not None and graph.accepts(hidden, attention_mask, rotary, inference_context):
+            hidden = graph(hidden, attention_mask, rotary)
+        else:
+            hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                                  inference_context=inference_context)
         if not self.post_process:
             return hidden
         if return_logits:

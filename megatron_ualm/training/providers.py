@@ -19,6 +19,7 @@ from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.loader import PackedRows, RowSettings
 from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.training import fast_optimizer
+from megatron_ualm.training.cuda_graphs import enable_decoder_graph
 from megatron_ualm.model.transformer_config import transformer_config_from
 from megatron_ualm.model.ualm_model import build_ualm_model, padded_vocab
 
@@ -76,6 +77,10 @@ def build_model(cfg, runtime):
             model = Float16Module(tconfig, model)
         chunks.append(DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model,
                                               disable_bucketing=vp_stage > 0))
+    if cfg.training.cuda_graphs and not runtime.is_cpu:
+        blocker = enable_decoder_graph(chunks[0]) if len(chunks) == 1 else "virtual pipeline stages"
+        if runtime.is_rank_zero:
+            print(f"[ualm] decoder CUDA graphs: {'on' if blocker is None else f'off ({blocker})'}", flush=True)
     return chunks, tconfig
 
 
