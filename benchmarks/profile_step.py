@@ -315,6 +315,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-wgrad-fusion", action="store_true")
     p.add_argument("--no-host-plan", action="store_true")
     p.add_argument("--no-clip-in-adam", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="eager decoder. With the graphs on, the profiler ties every kernel of a replayed graph "
+                        "to the graph launch, so the per-category split is unreliable (kernels, busy and idle "
+                        "totals stay right); profile with this flag for the categories")
     p.add_argument("--tiny", action="store_true", help="tiny shape on CPU (smoke test of this script)")
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps")
@@ -334,7 +338,8 @@ def main(argv=None) -> int:
                            attention_backend=a.attention_backend, recompute=a.recompute, optimizer="megatron",
                            reference=a.reference, no_fused_ce=a.no_fused_ce, no_compile=a.no_compile,
                            no_fast_optimizer=a.no_fast_optimizer,
-                           no_wgrad_fusion=a.no_wgrad_fusion, no_host_plan=a.no_host_plan, no_clip_in_adam=a.no_clip_in_adam, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
+                           no_wgrad_fusion=a.no_wgrad_fusion, no_host_plan=a.no_host_plan, no_clip_in_adam=a.no_clip_in_adam,
+                           no_cuda_graphs=a.no_cuda_graphs, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
                            min_doc=256, max_doc=2048)
     shape = ms.TINY if a.tiny else ms.FULL
     args.bf16 = not a.tiny
@@ -347,6 +352,8 @@ def main(argv=None) -> int:
     for i, (seq, mb, kind) in enumerate(shapes):
         args.seq_length, args.micro_batch = seq, mb
         args.min_doc, args.max_doc = (256, 2048) if kind == "packed" else (seq, seq)
+        if model.decoder_graph is not None:
+            model.decoder_graph.reset()  # capture for this shape
         batches = ms.ualm_batches(args, model, device)
         step = ms.step_of(make_phases(batches), a.accumulate)
         ms.sync(device)
@@ -379,6 +386,9 @@ def main(argv=None) -> int:
                 ms.sync(device)
             r["breakdown"] = breakdown(prof, a.profile_steps, on_cpu=device.type == "cpu")
             print_breakdown(r["breakdown"], f"{seq}x{mb} {kind}")
+            if model.decoder_graph is not None and model.decoder_graph.captured:
+                print("  (decoder CUDA graphs on: the categories put a replayed graph's kernels wherever the profiler "
+                      "ties them; run with --no-cuda-graphs for the split. Busy and idle totals hold.)")
             if a.trace:
                 prof.export_chrome_trace(a.trace)
             if a.sync_debug and device.type == "cuda":

@@ -128,8 +128,8 @@ def test_other_shapes_and_evaluation_run_eagerly():
                             loss_weights=b["loss_weights"], plan=b["plan"])
                 return ualm_loss(out.ce, b["loss_weights"])
 
-        graphed_small = loss_of(small, True)   # another shape: eager, with gradients
-        graphed_small.backward()
+        eager_small = loss_of(small, True)     # another shape: eager, with gradients
+        eager_small.backward()
         assert graph.replays == 1 and graph.captures == 1
         no_grad_big = loss_of(big, False)      # evaluation: eager
         assert graph.replays == 1
@@ -137,6 +137,11 @@ def test_other_shapes_and_evaluation_run_eagerly():
         assert graph.replays == 2
         torch.testing.assert_close(again.detach(), no_grad_big, rtol=1e-4, atol=1e-5)
         again.backward()
+        graph.reset()                          # capture anew, now for the small shape
+        small_graphed = loss_of(small, True)
+        assert graph.captures == 2 and graph.replays == 3
+        torch.testing.assert_close(small_graphed.detach(), eager_small.detach(), rtol=1e-4, atol=1e-5)
+        small_graphed.backward()
     finally:
         shutdown_runtime()
 

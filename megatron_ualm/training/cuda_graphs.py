@@ -98,6 +98,12 @@ def _param_views(roots, params):
             module._parameters[name] = p
 
 
+def _describe(key) -> str:
+    """A call's key (``DecoderGraph._key_of``) in words."""
+    hidden, docs, _ = key
+    return f"hidden {list(hidden[0])} {str(hidden[1]).replace('torch.', '')}, {'packed' if docs else 'unpacked'}"
+
+
 class _Replay(torch.autograd.Function):
     """One graphed decoder call in autograd: forward replays the layers' forward graphs,
     backward their backward graphs in reverse. ``anchor`` (an empty tensor that requires grad)
@@ -202,10 +208,20 @@ class DecoderGraph:
         if self.key is None or self.key == key:
             return True
         if not self._warned_shape:
-            log.warning("decoder CUDA graph: captured for hidden %s, got %s; calls of another shape run eagerly",
-                        self.key[0][0], key[0][0])
+            log.warning("decoder CUDA graphs: captured for %s, this call has %s; calls unlike the captured one "
+                        "run eagerly (reset() captures anew)", _describe(self.key), _describe(key))
             self._warned_shape = True
         return False
+
+    def reset(self) -> None:
+        """Drop the captured graphs (their memory with them); the next accepted call captures
+        again, for its own shape."""
+        for seg in self.segments:
+            seg.fwd = seg.bwd = None
+            seg.out = seg.grad_in = None
+        self.hidden = self.docs = self.rotary = self.grad_out = self.pool = None
+        self._keep = None
+        self.key, self.captured, self._warned_shape = None, False, False
 
     def __call__(self, hidden: Tensor, docs: Optional[Tensor], rotary: Tensor) -> Tensor:
         if not self.captured:
