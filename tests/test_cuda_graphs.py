@@ -142,6 +142,10 @@ def test_other_shapes_and_evaluation_run_eagerly():
         assert graph.captures == 2 and graph.replays == 3
         torch.testing.assert_close(small_graphed.detach(), eager_small.detach(), rtol=1e-4, atol=1e-5)
         small_graphed.backward()
+        first, second = loss_of(small, True), loss_of(small, True)  # two forwards, then the first's backward
+        with pytest.raises(RuntimeError, match="overwritten the activations"):
+            first.backward()
+        second.backward()
     finally:
         shutdown_runtime()
 

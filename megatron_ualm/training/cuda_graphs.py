@@ -33,6 +33,10 @@ How it stays the same computation:
   ``overlap_param_gather`` it calls DDP's forward pre-hooks of the layer's modules before the
   layer's forward (they wait for that layer's all-gather).
 * A batch of another shape, an evaluation pass (no gradients) or inference runs eagerly.
+* One forward and its backward at a time (what megatron's schedules do without pipeline
+  parallelism): a forward replay reuses the memory of the previous one's activations, so a
+  backward whose forward has been replayed over raises an error instead of computing wrong
+  gradients.
 
 Not graphed (``decoder_graph_blocker`` says why and training stays eager): tensor, pipeline or
 context parallelism, activation recomputation, dropout, and CPU runs.
@@ -114,10 +118,18 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, graph: "DecoderGraph", anchor: Tensor, hidden: Tensor, docs: Optional[Tensor],
                 rotary: Tensor) -> Tensor:
         ctx.graph = graph
-        return graph._replay_forward(hidden, docs, rotary)
+        out = graph._replay_forward(hidden, docs, rotary)
+        ctx.replay = graph.replays
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.replay != ctx.graph.replays:
+            raise RuntimeError(
+                "decoder CUDA graphs: this backward belongs to forward replay "
+                f"{ctx.replay}, but replay {ctx.graph.replays} has since overwritten the activations it "
+                "needs. Run each micro-batch's backward before the next forward with gradients, or set "
+                "training.cuda_graphs=false for this use.")
         return None, None, ctx.graph._replay_backward(grad_out), None, None
 
 
@@ -131,7 +143,7 @@ class _Segment:
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.unfused = [p for p in self.params if p not in fused]
         self.fwd = self.bwd = None
-        self.out = self.grad_in = self.grad_out = None
+        self.out = self.grad_in = None
 
     def run(self, hidden, docs, rotary):
         out, _ = self.layer(hidden_states=hidden, attention_mask=docs, rotary_pos_emb=rotary)
