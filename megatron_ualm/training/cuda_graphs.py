@@ -17,7 +17,9 @@ How it stays the same computation:
 * Capture happens at the first training forward with gradients, after a few eager warm-up
   passes on a side stream (compilation, autotuning, cuBLAS workspaces). The warm-up passes
   add weight gradients into the fp32 ``main_grad`` buffers (gradient-accumulation fusion
-  writes there directly); those buffers are saved first and put back after.
+  writes there directly); those buffers are put back after (zeroed again when they were all
+  zero, else restored from a host copy). A capture that fails stops with the error and says
+  how to train eagerly.
 * Inputs (hidden states, document ids, RoPE angles) are copied into static buffers before
   each replay; the FlexAttention block mask is built *inside* the first layer's forward graph
   from the static document ids, so it follows every batch. A layer's static input is the
@@ -268,6 +270,28 @@ class DecoderGraph:
         return grad
 
     def _capture(self, hidden, docs, rotary):
+        try:
+            self._capture_graphs(hidden, docs, rotary)
+        except Exception as e:
+            self.reset()
+            raise RuntimeError(f"decoder CUDA graphs: capturing the decoder failed ({type(e).__name__}: {e}). "
+                               "Set training.cuda_graphs=false to train with the eager decoder.") from e
+
+    def _save_main_grads(self) -> Optional[list]:
+        """What the warm-up will disturb: None when every decoder ``main_grad`` is zero (the usual
+        case, capture in a step's first micro-batch), else a host copy (no device memory spent)."""
+        dirty = torch.stack([p.main_grad.ne(0).any() for p in self.params]).any().item()
+        return [p.main_grad.to("cpu", copy=True) for p in self.params] if dirty else None
+
+    def _restore_main_grads(self, saved: Optional[list]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if saved is None:
+                    p.main_grad.zero_()
+                else:
+                    p.main_grad.copy_(saved[i])
+
+    def _capture_graphs(self, hidden, docs, rotary):
         from megatron.core.transformer import cuda_graphs as mcg
 
         self.key = self._key_of(hidden, docs, rotary)
@@ -275,7 +299,7 @@ class DecoderGraph:
         self.docs = None if docs is None else docs.clone()
         self.rotary = rotary.detach().clone()
         self._wait_param_gather([self.decoder])
-        saved = [p.main_grad.detach().clone() for p in self.params]  # warm-up adds into them
+        saved = self._save_main_grads()  # the warm-up adds into them
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -314,10 +338,7 @@ class DecoderGraph:
                 stack.close()
             mcg._set_capture_end()
         self._keep = self.mask_cache.values()  # the graphs' block mask lives as long as the graphs
-        with torch.no_grad():
-            for p, s in zip(self.params, saved):
-                p.main_grad.copy_(s)
-        del saved
+        self._restore_main_grads(saved)
         self.pool = pool
         self.captured = True
         self.captures += 1
