@@ -374,7 +374,7 @@ def main(argv=None) -> int:
         r["mfu"] = r["tflops"] / ms.PEAK_TFLOPS
         r["flops_per_token"] = flops
         print(f"{seq}x{mb} {kind:8s} {r['tokens_per_s']:>9,.0f} tokens/s {r['tflops']:6.1f} TFLOP/s "
-              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gb'] or 0:.1f} GB  step {1e3 * r['step_s']:.1f} ms  "
+              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gb'] or 0:.1f} GB (reserved {r['peak_reserved_gb'] or 0:.1f})  step {1e3 * r['step_s']:.1f} ms  "
               f"loss {r['loss']:.3f}  (incl. warmup {time.perf_counter() - t1:.0f} s)", flush=True)
         if i == 0 and a.profile_steps > 0:
             from torch.profiler import ProfilerActivity, profile

@@ -148,7 +148,7 @@ def build_ualm(args, shape, device):
             fast_optimizer.speed_up(opt, clip_in_adam=not getattr(args, "no_clip_in_adam", False))
         if not (reference or getattr(args, "no_cuda_graphs", False)):
             from megatron_ualm.training.cuda_graphs import enable_decoder_graph
-            blocker = enable_decoder_graph(ddp)  # as the trainer does (training.cuda_graphs)
+            blocker = enable_decoder_graph(model, ddp)  # as the trainer does (training.cuda_graphs)
             if blocker is not None and device.type == "cuda":
                 print(f"decoder CUDA graph off: {blocker}", file=sys.stderr)
         net = ddp

@@ -139,7 +139,7 @@ class TrainingConfig:
     gc_freeze: bool = True           # after the first step, exclude the objects alive then (model,
     #                                  optimizer, compiled code) from Python's GC scans: shorter pauses
     cuda_graphs: bool = True         # replay the decoder layers as CUDA graphs (GPU, TP=PP=CP=1, no
-    #                                  recompute/dropout/overlap_param_gather; else eager, logged why)
+    #                                  recompute or dropout; else eager, and the log says why)
 
 
 @dataclass

@@ -298,7 +298,6 @@ class DecoderGraph:
         self.hidden = hidden.detach().clone()
         self.docs = None if docs is None else docs.clone()
         self.rotary = rotary.detach().clone()
-        self._wait_param_gather([self.decoder])
         saved = self._save_main_grads()  # the warm-up adds into them
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -372,19 +371,17 @@ class DecoderGraph:
         return self.segments[0].grad_in
 
 
-def enable_decoder_graph(ddp_chunk, warmup: int = WARMUP_PASSES) -> Optional[str]:
-    """Graph the decoder of the UALMModel inside ``ddp_chunk`` (megatron DDP, optionally
-    around Float16Module). Returns None when enabled, else the reason it was not."""
-    model = ddp_chunk
-    while hasattr(model, "module"):
-        model = model.module
+def enable_decoder_graph(model, ddp, warmup: int = WARMUP_PASSES) -> Optional[str]:
+    """Graph the decoder of ``model`` (the UALMModel) inside ``ddp``, megatron's
+    DistributedDataParallel around it (optionally through Float16Module). Returns None when
+    enabled, else the reason it was not."""
     reason = decoder_graph_blocker(model.config)
-    if reason is None and not hasattr(ddp_chunk, "param_to_bucket_group"):
+    if reason is None and not hasattr(ddp, "param_to_bucket_group"):
         reason = "the model is not wrapped in megatron's DistributedDataParallel"
     if reason is None and not any(p.requires_grad for p in model.decoder.parameters()):
         reason = "the decoder is frozen"
     if reason is not None:
         model.decoder_graph = None
         return reason
-    model.decoder_graph = DecoderGraph(model.decoder, model.mask_cache, ddp_chunk, warmup)
+    model.decoder_graph = DecoderGraph(model.decoder, model.mask_cache, ddp, warmup)
     return None

@@ -78,7 +78,8 @@ def build_model(cfg, runtime):
         chunks.append(DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model,
                                               disable_bucketing=vp_stage > 0))
     if cfg.training.cuda_graphs and not runtime.is_cpu:
-        blocker = enable_decoder_graph(chunks[0]) if len(chunks) == 1 else "virtual pipeline stages"
+        blocker = (enable_decoder_graph(unwrap(chunks[0]), chunks[0]) if len(chunks) == 1
+                   else "virtual pipeline stages")
         if runtime.is_rank_zero:
             print(f"[ualm] decoder CUDA graphs: {'on' if blocker is None else f'off ({blocker})'}", flush=True)
     return chunks, tconfig
