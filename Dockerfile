@@ -1,6 +1,8 @@
-# UALM training image: NVIDIA's PyTorch container already ships CUDA, NCCL,
-# TransformerEngine, apex and flash-attention built for it; we add megatron-core and the
-# audio/IO packages, and install megatron_ualm itself without touching that torch.
+# UALM training image: NVIDIA's PyTorch container (Python 3.12, CUDA, NCCL, triton) plus
+# megatron-core and the audio/IO packages; megatron_ualm itself is installed without touching
+# that torch. On Python 3.12 pip resolves setup.py's megatron-core range to its newest release
+# (0.19.x), which CI tests on every change beside 0.16.1. TransformerEngine, apex and
+# flash-attention, which the container also ships, are optional: the code detects them.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
@@ -23,5 +25,9 @@ COPY checkpoints_convert ./checkpoints_convert
 COPY examples ./examples
 COPY slurm ./slurm
 
-# Fails the build if TransformerEngine/apex are missing from the base image.
-RUN python -c "import transformer_engine, apex, megatron.core; print('TE', transformer_engine.__version__, '| mcore', megatron.core.__version__)"
+# Fails the build unless what the code needs is there: Python 3.12, a CUDA torch, triton (the
+# fused kernels; megatron-core 0.19 imports it), a supported megatron-core, and the package.
+RUN python -c "import sys, torch, triton, megatron.core, megatron_ualm.train; \
+assert sys.version_info[:2] == (3, 12), sys.version; assert torch.version.cuda, 'CPU-only torch'; \
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, \
+      '| megatron-core', megatron.core.__version__)"

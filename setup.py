@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["megatron_ualm", "megatron_ualm.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16,<0.20",
+        "megatron-core>=0.16.1,<0.20",  # CI tests both ends: 0.16.1 and 0.19.2 (scripts/test.sh)
         "transformers>=5.0",
         "numpy>=1.26",
         "pyyaml>=6.0",

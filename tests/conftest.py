@@ -17,3 +17,12 @@ def pytest_runtest_setup(item):
     if is_cpu_compat_applied():
         pytest.skip("an earlier test in this process redirected CUDA to the CPU (CPU runtime); "
                     "run the GPU tests on their own: -m gpu")
+
+
+def pytest_report_header(config):
+    import sys
+
+    import torch
+
+    from megatron_ualm.mcore_compat import megatron_core_version
+    return f"megatron_ualm: megatron-core {megatron_core_version()}, torch {torch.__version__}, Python {sys.version.split()[0]}"

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 import torch.nn.functional as F
 
+from megatron_ualm.mcore_compat import mlp_submodule
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
 from megatron_ualm.model.norm import RMSNorm
@@ -34,9 +35,9 @@ from megatron_ualm.model.swiglu import fused_swiglu, swiglu_reference
 
 
 class _QuietUnknownMLP(logging.Filter):
-    """megatron's TransformerLayer passes ``tp_group`` only to the exact ``MLP`` class and logs
-    "Unknown MLP type" once per layer for a subclass; SwiGLUMLP takes the default TP group,
-    which is the same group, so that message is dropped."""
+    """megatron-core < 0.18: TransformerLayer passes ``tp_group`` only to the exact ``MLP`` class
+    and logs "Unknown MLP type" once per layer for a subclass; SwiGLUMLP takes the default TP
+    group, which is the same group, so that message is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Unknown MLP type: <class 'megatron.core.transformer.spec_utils")
@@ -86,8 +87,8 @@ def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskC
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=SwiGLUMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=mlp_submodule(SwiGLUMLP, MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                       linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

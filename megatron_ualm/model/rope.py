@@ -221,13 +221,14 @@ def install_fused_rope() -> None:
     if getattr(original, _FUSED_MARK, False):
         return
 
-    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, mscale=1.0, **flags):
+        # flags: megatron's MLA switches (``multi_latent_attention``; 0.19+ also
+        # ``mla_rotary_interleaved``); any of them set keeps megatron's function.
         with fusions.scope("ualm.rope"):
-            if (fusions.ENABLED and t.is_cuda and not rotary_interleaved and not multi_latent_attention
+            if (fusions.ENABLED and t.is_cuda and not rotary_interleaved and not any(flags.values())
                     and mscale == 1.0 and freqs.shape[-1] == t.shape[-1]):
                 return fused_rotate(t, freqs)
-            return original(t, freqs, rotary_interleaved=rotary_interleaved,
-                            multi_latent_attention=multi_latent_attention, mscale=mscale)
+            return original(t, freqs, rotary_interleaved=rotary_interleaved, mscale=mscale, **flags)
 
     setattr(_apply_rotary_pos_emb_bshd, _FUSED_MARK, True)
     _apply_rotary_pos_emb_bshd.original = original

@@ -54,6 +54,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
+from megatron_ualm.mcore_compat import megatron_core_version
+
 __all__ = [
     "CpuCompatError",
     "SUPPORTED_MEGATRON_CORE",
@@ -278,14 +280,6 @@ def patched_symbols() -> List[str]:
     return [p.symbol for p in _PATCHES]
 
 
-def _megatron_core_version() -> str:
-    try:
-        from megatron.core.package_info import __version__
-    except Exception:  # pragma: no cover - megatron-core missing or broken
-        return "<unknown>"
-    return str(__version__)
-
-
 def _resolve(patch: _Patch) -> Tuple[Any, str, Any]:
     """Return (owner object, final attribute name, current value) or raise CpuCompatError."""
     try:
@@ -305,7 +299,7 @@ def _resolve(patch: _Patch) -> Tuple[Any, str, Any]:
 def _missing_message(patch: _Patch, detail: str) -> str:
     return (
         f"megatron_ualm CPU compatibility: cannot patch `{patch.symbol}` "
-        f"(megatron-core {_megatron_core_version()}, torch {torch.__version__}): {detail}. "
+        f"(megatron-core {megatron_core_version()}, torch {torch.__version__}): {detail}. "
         f"It is patched because {patch.why}. A megatron-core/torch upgrade probably renamed or "
         f"removed it; update megatron_ualm/runtime/cpu_compat.py "
         f"(supported megatron-core: >={_fmt(SUPPORTED_MEGATRON_CORE[0])},"
@@ -331,7 +325,7 @@ def check_patch_targets() -> Dict[str, bool]:
 
 
 def _warn_if_unsupported_version() -> None:
-    version = _megatron_core_version()
+    version = megatron_core_version()
     try:
         parts = tuple(int(x) for x in version.split(".")[:2])
     except ValueError:

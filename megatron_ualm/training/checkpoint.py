@@ -12,7 +12,8 @@ TP/PP/DP layout loads at another. The distributed optimizer is saved as
 (``ShardedObject`` keyed by the (pp, tp, cp, dp) grid); they are restored only at the same
 layout, otherwise the fresh seeding is kept and a warning says resume is not bit-exact.
 
-Megatron quirks (megatron-core 0.16):
+Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked around in
+``megatron_ualm/mcore_compat.py`` with the other version differences):
 * the torch_dist writer needs ``psutil``; without it the writer subprocess dies and the save
   *hangs* — ``save_checkpoint`` checks for it first;
 * the writer starts a ``multiprocessing`` Manager with the *spawn* method on the first save,
@@ -24,7 +25,7 @@ Megatron quirks (megatron-core 0.16):
 * without apex/TE, loading the distributed optimizer (fully_reshardable / model-space)
   fails with ``KeyError: 'step'``, and once that is avoided all parameters share one Adam
   ``step`` tensor that torch increments once per parameter — both are worked around in
-  ``_load_optimizer_state`` (instance-level, no global patching), and the exact-resume test
+  ``mcore_compat.load_optimizer_state`` (instance-level, no global patching), and the exact-resume test
   catches either.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ualm.mcore_compat import inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
     COMPLETE_MARKER, CONFIG_FILE, HASH_LIMIT_BYTES, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
@@ -167,63 +169,6 @@ def _optimizer_metadata(sharding: str) -> dict:
             "chained_optim_avoid_prefix": True}
 
 
-def _inner_distributed_optimizers(optimizer) -> list:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o for o in parts if isinstance(o, DistributedOptimizer)]
-
-
-def _prepare_optimizer_for_loading(optimizer) -> None:
-    """Give a fresh distributed optimizer the state entries loading needs.
-
-    megatron-core 0.16 quirk: without apex/TE, ``DistributedOptimizer.sharded_state_dict``
-    reads the Adam ``step`` from the inner torch optimizer's state, which exists only after a
-    first step. Megatron's own remedy (used for its FSDP format) is a zero-gradient dummy step;
-    every value it creates is then overwritten by the loaded state.
-    """
-    for opt in _inner_distributed_optimizers(optimizer):
-        if not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _load_optimizer_state(optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict`` with work-arounds for two megatron-core 0.16 bugs.
-
-    Without apex/TE, ``DistributedOptimizer.load_state_dict`` first puts the Adam ``step`` into
-    every inner state, then the fully-reshardable / model-space loaders copy the saved tensors
-    over *every* key of that state, including ``step``, which they never provide -> KeyError.
-    For the duration of the load each distributed optimizer gets (as an instance attribute, not
-    a global patch) a setter that keeps the already-restored ``step``.
-    """
-    patched = []
-    for opt in _inner_distributed_optimizers(optimizer):
-        original = opt._set_main_param_and_optimizer_states
-
-        def keep_step(model_param, tensors, _opt=opt, _original=original):
-            group_index, group_order = _opt.model_param_group_index_map[model_param]
-            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-            current = _opt.optimizer.state.get(main_param, {})
-            if "step" in current and "step" not in tensors:
-                tensors = {**tensors, "step": current["step"]}
-            _original(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = keep_step
-        patched.append(opt)
-    try:
-        optimizer.load_state_dict(state)
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class method
-    # Second 0.16 bug on the same path: one `step` tensor is shared by every parameter's
-    # state, and torch Adam increments it in place once per parameter, so the bias correction
-    # after resume would be wrong. Give each parameter its own copy.
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        for param_state in getattr(inner, "state", {}).values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
-
-
 def _build_sharded_state_dict(chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                               rng: Optional[Any], layout: dict, is_loading: bool,
                               optimizer_metadata: Optional[dict]) -> dict:
@@ -327,7 +272,7 @@ def save_checkpoint(
         return final
     tmp = Path(decision["tmp"])
 
-    if optimizer is not None and any(not o.optimizer.state for o in _inner_distributed_optimizers(optimizer)):
+    if optimizer is not None and any(not o.optimizer.state for o in inner_distributed_optimizers(optimizer)):
         raise CheckpointError("the distributed optimizer has no state before its first step; save "
                               "with optimizer=None (model only) or after a training step")
     optimizer_metadata = _optimizer_metadata(optimizer_sharding) if optimizer is not None else None
@@ -422,7 +367,7 @@ def load_checkpoint(
     with_scheduler = scheduler is not None and with_optimizer and contents.get("scheduler")
 
     if with_optimizer:
-        _prepare_optimizer_for_loading(optimizer)
+        prepare_optimizer_for_loading(optimizer)
     state = _build_sharded_state_dict(
         model_chunks, optimizer if with_optimizer else None,
         scheduler if with_scheduler else None, {} if with_rng else None, layout,
@@ -439,7 +384,7 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if with_optimizer:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()  # fp32 main params follow the loaded weights
     if with_scheduler:

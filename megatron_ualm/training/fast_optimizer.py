@@ -17,7 +17,7 @@ Without them megatron-core (0.16 - 0.19) falls back to
 * runs the inner torch Adam/AdamW with ``fused=True`` when all its parameters are CUDA tensors
   (one kernel per tensor group, same update rule). The flag is (re)applied by a step pre-hook,
   which also moves each parameter's ``step`` count to its device as the fused kernel needs
-  (a checkpoint load may leave CPU ``step`` tensors, ``checkpoint._load_optimizer_state``);
+  (a checkpoint load may leave CPU ``step`` tensors, ``mcore_compat.load_optimizer_state``);
 * copies the updated fp32 main parameters into the bf16 model weights with one
   ``torch._foreach_copy_`` instead of a Python loop of ``copy_`` launches;
 * clips inside the fused Adam kernel (``use_clip_in_adam``): megatron reads the gradient
@@ -33,6 +33,8 @@ import logging
 from typing import Iterable
 
 import torch
+
+from megatron_ualm.mcore_compat import begin_optimizer_step, grads_for_norm, has_separate_grad_norm_groups
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ def _clip_in_adam(part, clip_grad: float) -> torch.Tensor:
     """Gradient norm and clip divisor of a mixed-precision optimizer ``part``, on the device;
     its fused inner Adam applies the divisor (and skips the update on a non-finite norm)."""
     params = part.get_parameters()
-    grads = part.get_main_grads_for_grad_norm() if params else []
+    grads = grads_for_norm(part) if params else []
     device = params[0].device if params else torch.device("cuda", torch.cuda.current_device())
     norm = device_grad_norm(grads, part.get_grad_stats_parallel_group(), device)
     # megatron: coeff = clip / (norm + 1e-6), grads *= coeff when coeff < 1
@@ -194,6 +196,7 @@ def _step_with_clip_in_adam(self):
     """megatron's optimizer ``step`` (plain or chained with one part) with the clip on the
     device: prepare grads, norm + clip divisor, optional zero count, the update."""
     part = getattr(self, "chained_optimizers", [self])[0]
+    begin_optimizer_step(self)
     if self.prepare_grads():
         return False, None, None
     grad_norm = None
@@ -216,7 +219,8 @@ def use_clip_in_adam(optimizer) -> int:
     part = parts[0]
     if (not isinstance(part, MixedPrecisionOptimizer) or getattr(part, "is_stub_optimizer", False)
             or not getattr(getattr(part, "optimizer", None), _MARK, False)
-            or getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)):
+            or getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            or has_separate_grad_norm_groups(part)):
         return 0
     optimizer.step = _step_with_clip_in_adam.__get__(optimizer)
     return 1
