@@ -38,12 +38,13 @@ def losses(exp_dir) -> dict:
     return out
 
 
-def start(data, exp, *overrides):
+def start(data, exp, *overrides, new_session=False):
     script = Path(exp).parent / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(script), str(data), str(exp), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=new_session)
 
 
 def wait_for_step(proc, exp, step, timeout=240):
@@ -134,17 +135,53 @@ def test_checkpoint_resumes_at_pp2_and_interleaved_pp2_vpp2_with_equal_losses(da
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(data, tmp_path):
-    proc = start(data, tmp_path / "run", "training.train_iters=1000", "checkpoint.save_interval=1000")
-    wait_for_step(proc, tmp_path / "run", 2)
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("sig,to_group", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGUSR1, True)])
+def test_preemption_signal_saves_a_checkpoint_and_exits_for_requeue(data, tmp_path, sig, to_group):
+    """The signal reaches the trainer alone (``kill PID``) or, as Slurm and ``kill -- -PGID``
+    deliver it, every process of the group at once -- including the helper processes that an
+    earlier interval save started for megatron's checkpoint writer."""
+    proc = start(data, tmp_path / "run", "training.train_iters=1000", "checkpoint.save_interval=2",
+                 f"data.num_workers={2 if to_group else 0}", new_session=to_group)
+    wait_for_step(proc, tmp_path / "run", 3)  # after the interval save at step 2
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 42, out
     assert "preemption signal" in out
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("iter_*"))
-    assert ckpts and (ckpts[-1] / "COMPLETE").exists()
+    assert ckpts and (ckpts[-1] / "COMPLETE").exists() and not list((tmp_path / "run" / "checkpoints").glob("*.tmp*"))
     step = int(ckpts[-1].name.split("_")[1])
-    assert step >= 2 and max(losses(tmp_path / "run")) == step
+    assert step >= 3 and max(losses(tmp_path / "run")) == step
+
+
+@pytest.mark.slow
+def test_kill9_of_the_trainer_leaves_no_helper_process(data, tmp_path):
+    """The data-loader workers and the checkpoint writer's queue server ignore the preemption
+    signals, so they must end with the trainer when it is killed outright."""
+    proc = start(data, tmp_path / "run", "training.train_iters=1000", "checkpoint.save_interval=2",
+                 "data.num_workers=2", new_session=True)
+    wait_for_step(proc, tmp_path / "run", 3)  # the interval save at step 2 started the writer's helpers
+
+    def group():
+        return [int(d) for d in os.listdir("/proc") if d.isdigit() and _pgid(int(d)) == proc.pid]
+
+    helpers = [pid for pid in group() if pid != proc.pid]
+    assert len(helpers) >= 3, helpers  # two loader workers + the queue server (+ resource tracker)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.time() + 10
+    while group() and time.time() < deadline:
+        time.sleep(0.1)
+    assert group() == [], [open(f"/proc/{p}/cmdline").read() for p in group()]
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ualm.mcore_compat import inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading
+from megatron_ualm.runtime.helper_processes import start_checkpoint_writer_queue
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
     COMPLETE_MARKER, CONFIG_FILE, HASH_LIMIT_BYTES, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
@@ -280,6 +281,7 @@ def save_checkpoint(
     state = _build_sharded_state_dict(model_chunks, optimizer, scheduler, rng, layout,
                                       is_loading=False, optimizer_metadata=optimizer_metadata)
     start = time.monotonic()
+    start_checkpoint_writer_queue()  # shielded from the preemption signal sent to the whole step
     dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(fully_parallel))
     _barrier()  # every rank's files are closed (and fsynced by the writer) before we seal
 

@@ -33,6 +33,7 @@ from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.model.batch import host_plan
 from megatron_ualm.model.loss import loss_metrics, loss_sums
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
+from megatron_ualm.runtime.helper_processes import loader_worker_init
 from megatron_ualm.training import checkpoint as ckpt
 from megatron_ualm.training.metrics import MetricsLogger, format_console, model_flops_per_token, peak_tflops
 from megatron_ualm.training.providers import (build_datasets, build_model, build_optimizer, data_parallel_info,
@@ -141,8 +142,24 @@ class IterationBatches:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=index_batches(), collate_fn=collate, num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=loader_worker_init() if num_workers > 0 else None)
         self._it = iter(self.loader)
+
+    def __enter__(self) -> "IterationBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers now (sentinel, then join). Left to interpreter exit, they would be
+        stopped with SIGTERM, which they ignore (``helper_processes``: they must outlive a
+        preemption signal sent to the whole job step), and the exit would wait on them."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = None
 
     def next_iteration(self) -> tuple[list, float]:
         start = time.perf_counter()
@@ -235,13 +252,14 @@ def pretrain(cfg) -> ckpt.TrainState:
                            p.context_parallel, seed=cfg.training.seed,
                            device=None if p.device == "auto" else p.device)
     try:
-        return _pretrain(cfg, runtime)
+        with contextlib.ExitStack() as closing:
+            return _pretrain(cfg, runtime, closing)
     finally:
         gc.unfreeze()  # training.gc_freeze: let a later run in this process collect this one
         shutdown_runtime()
 
 
-def _pretrain(cfg, runtime) -> ckpt.TrainState:
+def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     t = cfg.training
     exp = cfg.checkpoint.experiment_dir
     logger_rank = is_logging_rank()
@@ -274,8 +292,8 @@ def _pretrain(cfg, runtime) -> ckpt.TrainState:
                                            anchor=tuple(saved) if saved else (0, 0))
     if runtime.is_rank_zero:
         print(f"[ualm] packing, first window of the stream: {train_set.stats.summary()}", flush=True)
-    data = IterationBatches(train_set, cfg, state.iteration, cfg.data.num_workers,
-                            pin_memory=runtime.device.type == "cuda")
+    data = closing.enter_context(IterationBatches(train_set, cfg, state.iteration, cfg.data.num_workers,
+                                                  pin_memory=runtime.device.type == "cuda"))
 
     m = cfg.model
     flops_per_token = model_flops_per_token(

@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from megatron_ualm.runtime.helper_processes import PREEMPTION_SIGNALS
+
 __all__ = ["PreemptionHandler", "REQUEUE_EXIT_CODE", "DEFAULT_SIGNALS"]
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: Must equal REQUEUE_EXIT_CODE in slurm/pretrain_ualm.sh.
 REQUEUE_EXIT_CODE = 42
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS = PREEMPTION_SIGNALS
 
 _Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
 
