@@ -33,7 +33,7 @@ def test_dry_run_srun_one_task_per_gpu():
     out = dry_run(NNODES="4", GPUS_PER_NODE="8", CONFIG="examples/qwen2.5-7b.yaml",
                   OVERRIDES="training.train_iters=10 parallel.tensor_parallel=4")
     cmd = out.strip().splitlines()[-1]
-    assert cmd.startswith("srun --nodes=4 --ntasks-per-node=8 ")
+    assert cmd.startswith("srun --nodes=4 --ntasks=32 --ntasks-per-node=8 ")
     assert cmd.endswith("-m megatron_ualm.train --config examples/qwen2.5-7b.yaml "
                         "training.train_iters=10 parallel.tensor_parallel=4")
 
@@ -41,9 +41,10 @@ def test_dry_run_srun_one_task_per_gpu():
 def test_dry_run_torchrun_per_node_with_container():
     out = dry_run(NNODES="2", LAUNCHER="torchrun", CONTAINER_IMAGE="img.sqsh", CONTAINER_MOUNTS="/data:/data")
     cmd = out.strip().splitlines()[-1]
-    assert "srun --nodes=2 --ntasks-per-node=1" in cmd
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in cmd
     assert "--container-image=img.sqsh" in cmd and "--container-mounts=/data:/data" in cmd
-    assert "torch.distributed.run --nnodes=2 --nproc-per-node=8" in cmd and "SIGUSR1" in cmd
+    assert "torch.distributed.run --nnodes=2 --nproc-per-node=8" in cmd
+    assert r"bash -c trap\ \"\"\ USR1\;\ exec\ \"\$@\" torchrun python -m torch.distributed.run" in cmd
 
 
 def test_unknown_launcher_is_refused():

@@ -17,12 +17,16 @@ Contract with the Slurm job script (slurm/pretrain_ualm.sh follows it):
 * On Slurm *preemption* with ``PreemptMode=REQUEUE`` Slurm requeues the job itself; the exit
   code then only matters for the log. SIGKILL follows SIGTERM after ``KillWait`` (often 30 s)
   or ``GraceTime``: large checkpoints need the earlier USR1 warning, not SIGTERM.
-* Under torchrun, the agent must forward the signals to its workers
-  (``TORCHELASTIC_SIGNALS_TO_HANDLE=...,SIGUSR1``); with plain srun each task gets them.
+* Slurm delivers the signal to every process of the job step: ranks, their helper processes
+  (which ignore it: ``runtime/helper_processes.py``) and, under torchrun, the agent (which the
+  job script makes ignore SIGUSR1). torchrun turns its workers' exit code into its own (1), so
+  rank 0 also writes the file named by ``$UALM_REQUEUE_MARKER`` (set by the job script) before
+  exiting; the script requeues when it exists.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -33,7 +37,7 @@ import torch.distributed as dist
 
 from megatron_ualm.runtime.helper_processes import PREEMPTION_SIGNALS
 
-__all__ = ["PreemptionHandler", "REQUEUE_EXIT_CODE", "DEFAULT_SIGNALS"]
+__all__ = ["PreemptionHandler", "REQUEUE_EXIT_CODE", "DEFAULT_SIGNALS", "REQUEUE_MARKER_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ logger = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 42
 
 DEFAULT_SIGNALS = PREEMPTION_SIGNALS
+
+#: Environment variable naming a file that rank 0 creates when it exits for requeue.
+REQUEUE_MARKER_ENV = "UALM_REQUEUE_MARKER"
 
 _Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
 
@@ -115,5 +122,12 @@ class PreemptionHandler:
         still run. Call it on every rank, after ``save_checkpoint`` returned.
         """
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        marker = os.environ.get(REQUEUE_MARKER_ENV)
+        if marker:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                with open(marker, "w") as f:
+                    f.write(f"{name}\n")
+            if dist.is_initialized():  # no rank leaves before the marker exists: a launcher
+                dist.barrier()         # may stop the others as soon as one rank exits
         logger.warning("exiting with code %d for requeue (%s)", REQUEUE_EXIT_CODE, name)
         raise SystemExit(REQUEUE_EXIT_CODE)
