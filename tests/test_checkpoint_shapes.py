@@ -1,12 +1,15 @@
 """A checkpoint whose shapes or vocabulary layout differ from the config: refused before
 megatron loads it, with one line naming both values; TP padding is no difference;
-``checkpoint.expand_vocab`` grows the text rows keeping every old row at its id.
+``checkpoint.expand_vocab`` grows the text rows keeping every old row at its id; the HF export
+refuses a config.yaml that does not describe its tensors.
 
 Real checkpoints of a tiny UALM (64 text rows, 4 codebooks of 16 codes: 388 rows, padded to
 512), saved once per module with the trainer's ``save_checkpoint``.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -251,7 +254,7 @@ def test_expand_vocab_at_tp2_gives_the_rows_of_tp1(saved):
         assert not full[key].isnan().any(), key
 
 
-# --- the trainer ---------------------------------------------------------------------------
+# --- the trainer and the HF export ------------------------------------------------------------
 
 @pytest.mark.slow
 def test_trainer_cli_refuses_the_checkpoint_with_one_line(saved, tmp_path):
@@ -269,3 +272,45 @@ def test_trainer_cli_refuses_the_checkpoint_with_one_line(saved, tmp_path):
     assert r.returncode != 0
     assert any(expected in line for line in r.stderr.splitlines()), r.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _export_cli():
+    spec = importlib.util.spec_from_file_location("megatron_to_hf", ROOT / "checkpoints_convert" / "megatron_to_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_hf_export_refuses_a_config_inconsistent_with_the_tensors(saved, tmp_path, capsys):
+    """Before: exit 0, the codebook rows cut at config.yaml's (wrong) offsets."""
+    from megatron_ualm.convert import ConversionError, convert_megatron_to_hf
+    path = saved["wrong_config"]
+    expected = (f"{path}: embedding.word_embeddings.weight has shape (512, 64), but config.yaml's vocabulary "
+                "(model.text_vocab_size=64, model.num_codebooks=4, model.codebook_size=8: 356 rows) padded for the "
+                "TP=1 it was saved at (a multiple of 128) and model.hidden_size=64 give (384, 64); config.yaml "
+                "does not describe this checkpoint (the export would cut its rows at the wrong offsets): put the "
+                "config.yaml of the run that saved it there")
+    with pytest.raises(ConversionError) as info:
+        convert_megatron_to_hf(str(path), str(tmp_path / "a"), show_progress=False)
+    assert str(info.value) == expected
+    assert _export_cli()(["--checkpoint", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"megatron_to_hf: refused: {expected}"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # the consistent checkpoint of the same model exports
+    assert _export_cli()(["--checkpoint", str(saved["with_config"]), "--out", str(tmp_path / "c"),
+                          "--no-progress"]) == 0
+
+
+def test_hf_import_refuses_rows_its_ualm_config_does_not_give(saved, tmp_path):
+    """load_ualm_from_hf of an export whose ualm_config.json says codebook_size=8."""
+    from megatron_ualm.convert import ConversionError, convert_megatron_to_hf, load_ualm_from_hf
+    out = tmp_path / "hf"
+    convert_megatron_to_hf(str(saved["with_config"]), str(out), show_progress=False)
+    doc = json.loads((out / "ualm_config.json").read_text())
+    doc["model"]["codebook_size"] = 8
+    (out / "ualm_config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConversionError) as info:
+        load_ualm_from_hf(str(out))
+    assert str(info.value) == (f"{out}: audio_embedding has 68 rows but ualm_config.json says model.num_codebooks=4 "
+                               "x (1 + model.codebook_size=8) = 36 audio rows; the files do not belong together: "
+                               "export the checkpoint again")
