@@ -150,6 +150,10 @@ class CheckpointConfig:
     save_at_end: bool = True         # also save after the last iteration (off for benchmarks)
     load: str | None = None          # initial checkpoint directory (e.g. converted from HF)
     auto_resume: bool = True         # continue from the newest checkpoint in experiment_dir
+    expand_vocab: bool = False       # `load` may have fewer text rows than model.text_vocab_size: add
+    #                                  the new ones (normal(0, model.init_method_std), seeded by
+    #                                  training.seed) and move each codebook block up; existing rows
+    #                                  keep their ids. Off: any vocabulary difference is refused
 
 
 @dataclass

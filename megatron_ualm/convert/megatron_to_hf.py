@@ -40,6 +40,8 @@ from megatron_ualm.convert.layout import (
 from megatron_ualm.convert.output import Report, atomic_output_dir, check_output_dir, progress
 from megatron_ualm.formats.vocab import NUM_SPECIAL_SLOTS, SPECIAL_TOKENS, UnifiedVocab
 from megatron_ualm.model.hf_adapter import qwen2_config_dict
+from megatron_ualm.training.checkpoint_files import read_manifest
+from megatron_ualm.training.checkpoint_shapes import table_rows_problem
 
 EXTRAS_FILE = "ualm_extras.safetensors"
 UALM_CONFIG = "ualm_config.json"
@@ -66,9 +68,13 @@ def _encoder_config(enc: EncoderConfig) -> Optional[dict]:
 
 
 class _CheckpointView:
-    """The model tensors of a UALM checkpoint, checked against its config.yaml."""
+    """The model tensors of a UALM checkpoint, checked against its config.yaml.
 
-    def __init__(self, iter_dir: str, cfg: UALMConfig):
+    saved_tp: the TP the checkpoint was saved at (its manifest), which its vocabulary tables
+    are padded for; their rows must be exactly config.yaml's vocabulary so padded, or the
+    exported special/text/audio rows would be cut at the wrong offsets."""
+
+    def __init__(self, iter_dir: str, cfg: UALMConfig, saved_tp: Optional[int]):
         self.reader = DistCheckpointReader(iter_dir)
         self.cfg, m = cfg, cfg.model
         tensors = self.reader.tensors
@@ -99,12 +105,14 @@ class _CheckpointView:
                                   f"{extra[:6]}; convert with the config the run used")
         wrong = [f"{k}: {self.reader.shape(k)} vs {v}" for k, v in expected.items()
                  if v is not None and self.reader.shape(k) != tuple(v)]
-        for key in (EMBEDDING, HEAD):
-            rows, width = self.reader.shape(key)
-            if rows < self.vocab.size or width != H:
-                wrong.append(f"{key}: {(rows, width)}, expected >= ({self.vocab.size}, {H})")
         if wrong:
             raise ConversionError(f"{where}: shape mismatch with config.yaml: {wrong[:4]}")
+        for key in (EMBEDDING, HEAD):
+            problem = table_rows_problem(key, self.reader.shape(key), self.vocab, H, saved_tp, "config.yaml's")
+            if problem:
+                raise ConversionError(f"{where}: {problem}; config.yaml does not describe this checkpoint (the "
+                                      "export would cut its rows at the wrong offsets): put the config.yaml "
+                                      "of the run that saved it there")
         self.skipped = sorted(k for k in tensors if not k.startswith(MODEL_KEY_PREFIXES))
         self.encoder_keys = sorted(k for k in tensors if k.startswith(ENCODER_PREFIX))
 
@@ -144,7 +152,7 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
     iter_dir = L.resolve_complete(checkpoint)
     cfg = load_checkpoint_config(iter_dir)
     m = cfg.model
-    view = _CheckpointView(iter_dir, cfg)
+    view = _CheckpointView(iter_dir, cfg, read_manifest(iter_dir)["layout"].get("tp"))
     vocab, s, nl, H = view.vocab, _shape_of(m), m.num_layers, m.hidden_size
     text = slice(vocab.text_offset, vocab.audio_start)
     report = Report(f"Megatron -> HF: {iter_dir} -> {output}")
@@ -285,6 +293,7 @@ def load_ualm_from_hf(directory: str, precision: str = "fp32"):
     model = UALMModel(m, transformer_config_from(m, None, precision))
     s = _shape_of(m)
     with HFCheckpoint(directory) as ckpt, HFCheckpoint(directory, files=[doc["extras_file"]]) as ualm:
+        _check_exported_rows(directory, m, ckpt, ualm)
         get = ckpt.get
         extras = {n: ualm.get(n) for n in (SPECIAL_EMBEDDING, SPECIAL_HEAD, AUDIO_EMBEDDING, AUDIO_HEAD)}
         emb, head = ualm_tables_from_parts(get("model.embed_tokens.weight"), get("lm_head.weight"), extras,
@@ -304,3 +313,19 @@ def load_ualm_from_hf(directory: str, precision: str = "fp32"):
     cfg = UALMConfig(model=m, paths=PathsConfig(**{**to_dict(PathsConfig()),
                                                    **{k: v for k, v in doc["paths"].items() if v}}))
     return model.eval(), cfg
+
+
+def _check_exported_rows(directory: str, m: ModelConfig, backbone: HFCheckpoint, extras: HFCheckpoint) -> None:
+    """Refuse (one line) an export whose vocabulary tensors do not have the rows its
+    ualm_config.json gives: the unified tables would be put together with shifted rows."""
+    vocab = m.vocab()
+    audio = vocab.size - vocab.audio_start
+    for files, name, rows, what in (
+            (backbone, "model.embed_tokens.weight", m.text_vocab_size, f"model.text_vocab_size={m.text_vocab_size}"),
+            (backbone, "lm_head.weight", m.text_vocab_size, f"model.text_vocab_size={m.text_vocab_size}"),
+            (extras, AUDIO_EMBEDDING, audio, f"model.num_codebooks={m.num_codebooks} x (1 + model.codebook_size="
+                                             f"{m.codebook_size}) = {audio} audio rows"),
+            (extras, AUDIO_HEAD, audio, f"{audio} audio rows")):
+        if files.shape(name)[0] != rows:
+            raise ConversionError(f"{directory}: {name} has {files.shape(name)[0]} rows but {UALM_CONFIG} says "
+                                  f"{what}; the files do not belong together: export the checkpoint again")

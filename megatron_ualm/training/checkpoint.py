@@ -12,6 +12,12 @@ TP/PP/DP layout loads at another. The distributed optimizer is saved as
 (``ShardedObject`` keyed by the (pp, tp, cp, dp) grid); they are restored only at the same
 layout, otherwise the fresh seeding is kept and a warning says resume is not bit-exact.
 
+Fit: before megatron reads a tensor, ``load_checkpoint`` refuses a checkpoint whose shape
+settings (its ``config.yaml``) or tensor shapes differ from the model's, in one line naming
+both values (``checkpoint_shapes``; megatron itself would load vocabulary tables of another
+layout with shifted rows). Only the TP padding may differ, and with ``expand_vocab`` the
+number of text rows may grow.
+
 Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked around in
 ``megatron_ualm/mcore_compat.py`` with the other version differences):
 * the torch_dist writer needs ``psutil``; without it the writer subprocess dies and the save
@@ -49,6 +55,9 @@ from megatron_ualm.training.checkpoint_files import (  # re-exported: callers im
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
     check_safe_to_unpickle, checkpoint_name, checkpoints_dir, find_latest_checkpoint,
     read_manifest, remove_stale, resolve_checkpoint, seal_checkpoint, verify_checkpoint,
+)
+from megatron_ualm.training.checkpoint_shapes import (
+    VOCAB_TABLES, VocabExpansion, check_layout, check_tensor_shapes, saved_model_config, saved_tensor_shapes,
 )
 
 __all__ = [
@@ -314,6 +323,8 @@ def load_checkpoint(
     strict: bool = True,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    expand_vocab: bool = False,
+    new_rows_seed: int = 0,
 ) -> TrainState:
     """Load a checkpoint into this rank's model chunks (and optimizer, scheduler, RNG).
 
@@ -331,29 +342,44 @@ def load_checkpoint(
             checkpoint: optimizer and scheduler start fresh (the optimizer's fp32 main params
             are refreshed from the loaded model params).
         load_rng: restore RNG states (only possible at the saved layout; otherwise a warning).
+        expand_vocab: a UALM model may have more text rows than the checkpoint (model-only
+            loads; ``checkpoint_shapes.VocabExpansion``); new rows drawn with ``new_rows_seed``.
+            Every rank reads the checkpoint's two tables whole for it (once).
 
+    Before megatron reads a tensor, the checkpoint must fit the model
+    (``check_checkpoint_fits``): otherwise CheckpointError, one line, on every rank.
     Returns the saved TrainState (for fine-tuning the trainer usually resets its iteration).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
     _require_runtime()
+    run_cfg = _ualm_model_config(model_chunks)
 
     resolved = None
-    if _rank() == 0:  # one rank decides which directory all ranks load
+    if _rank() == 0:  # one rank decides which directory all ranks load, and whether it fits
         try:
             p = resolve_checkpoint(path)
             check_safe_to_unpickle(p)
-            resolved = {"path": str(p)}
+            saved = saved_model_config(p)
+            expansion = check_layout(p, saved, run_cfg, expand_vocab) if run_cfg is not None else None
+            resolved = {"path": str(p), "expansion": expansion,
+                        "saved_vocab": saved.vocab() if saved is not None else None}
         except CheckpointError as exc:
             resolved = {"error": str(exc)}
     resolved = _broadcast(resolved)
     if "error" in resolved:
         raise CheckpointError(resolved["error"])
     ckpt = Path(resolved["path"])
+    expansion: Optional[VocabExpansion] = resolved["expansion"]
     manifest = read_manifest(ckpt)
     contents = manifest["contents"]
 
     with_optimizer = optimizer is not None and load_optimizer
+    if with_optimizer and expansion is not None:
+        raise CheckpointError(
+            f"checkpoint.expand_vocab: {ckpt} is resumed with its optimizer state, which cannot grow "
+            f"from {expansion.old.text_vocab_size} to {expansion.new.text_vocab_size} text rows; expand "
+            f"in a model-only load: checkpoint.load={ckpt} with a new checkpoint.experiment_dir")
     if with_optimizer and not contents.get("optimizer"):
         raise CheckpointError(f"{ckpt} holds no optimizer state (a model-only checkpoint, e.g. "
                               "converted from HF); load it with load_optimizer=False")
@@ -374,6 +400,13 @@ def load_checkpoint(
         model_chunks, optimizer if with_optimizer else None,
         scheduler if with_scheduler else None, {} if with_rng else None, layout,
         is_loading=True, optimizer_metadata=manifest.get("optimizer_metadata"))
+    model_keys = _model_keys(len(model_chunks))
+    check_checkpoint_fits(ckpt, [state[k] for k in model_keys], resolved["saved_vocab"], run_cfg,
+                          saved_layout.get("tp"))
+    grown = {}
+    if expansion is not None:  # grown tables are built from the checkpoint's rows, not by megatron
+        grown = {(k, name): state[k].pop(name) for k in model_keys for name, sh in list(state[k].items())
+                 if getattr(sh, "key", None) in VOCAB_TABLES}
     # Missing = in the checkpoint but not asked for (skipped optimizer/RNG): always fine.
     # Unexpected = asked for but absent: an error when strict.
     handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.RETURN_UNEXPECTED
@@ -382,8 +415,10 @@ def load_checkpoint(
     if not strict and result[2] and _rank() == 0:
         logger.warning("%s lacks %d requested tensors; they keep their current values: %s",
                        ckpt, len(result[2]), ", ".join(sorted(result[2])[:20]))
+    if grown:
+        _load_grown_tables(ckpt, expansion, grown, loaded, run_cfg, new_rows_seed)
 
-    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+    for key, chunk in zip(model_keys, model_chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if with_optimizer:
         load_optimizer_state(optimizer, loaded["optimizer"])
@@ -400,3 +435,65 @@ def load_checkpoint(
         logger.info("loaded checkpoint %s (iteration %d%s%s)", ckpt, train_state.iteration,
                     "" if with_optimizer else ", model only", "" if with_rng else ", fresh RNG")
     return train_state
+
+
+# --- does the checkpoint fit the model ------------------------------------------------------
+
+def _ualm_model_config(chunks: Sequence[torch.nn.Module]):
+    """The ModelConfig UALM chunks were built from (None for other megatron models)."""
+    from megatron_ualm.model.ualm_model import UALMModel
+    module = _unwrap(chunks[0])
+    return module.model_cfg if isinstance(module, UALMModel) else None
+
+
+def _first_error(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem, on every rank (each rank checks its own tensors)."""
+    if not _dist_on() or dist.get_world_size() == 1:
+        return problem
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def check_checkpoint_fits(ckpt: Path, model_states: Sequence[dict], saved_vocab, run_cfg,
+                          saved_tp: Optional[int]) -> None:
+    """Refuse, on every rank, a checkpoint whose tensors do not have the global shapes of this
+    rank's model chunks (``checkpoint_shapes.check_tensor_shapes``); call on every rank.
+
+    model_states: the chunks' sharded state dicts; saved_vocab: the vocabulary of the
+    checkpoint's config.yaml (None: it has none); run_cfg: the ModelConfig of UALM chunks
+    (None: another model, its vocabulary tables are not checked); saved_tp: from the manifest.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    tensors = [sh for st in model_states for sh in st.values() if isinstance(sh, ShardedTensor)]
+    exact = {sh.key: tuple(sh.global_shape) for sh in tensors if not sh.allow_shape_mismatch}
+    tables = sorted({sh.key for sh in tensors if sh.allow_shape_mismatch and sh.key in VOCAB_TABLES})
+    vocab, hidden = None, None
+    if run_cfg is not None:
+        vocab, hidden = saved_vocab if saved_vocab is not None else run_cfg.vocab(), run_cfg.hidden_size
+    problem = check_tensor_shapes(ckpt, saved_tensor_shapes(ckpt), exact, tables, vocab, hidden, saved_tp,
+                                  has_config=saved_vocab is not None)
+    problem = _first_error(problem)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _load_grown_tables(ckpt: Path, expansion: VocabExpansion, grown: dict, loaded: dict, run_cfg,
+                       seed: int) -> None:
+    """Put this rank's shard of each grown vocabulary table into ``loaded``.
+
+    grown: (model key, state-dict name) -> the table's ShardedTensor (taken out of megatron's
+    load). Every rank reads the checkpoint's whole tables and draws the same new rows, so the
+    result does not depend on the layout."""
+    from megatron_ualm.convert.dist_format import DistCheckpointReader
+    reader = DistCheckpointReader(str(ckpt))
+    padded_size = next(iter(grown.values())).global_shape[0]
+    draws = expansion.new_rows(padded_size, run_cfg.hidden_size, run_cfg.init_method_std, seed)
+    for (model_key, name), sh in grown.items():
+        old = reader.read([(sh.key, None)])[0]
+        loaded[model_key][name] = expansion.table(old, *draws[sh.key])[sh.global_slice()]
+    if _rank() == 0:
+        logger.info("checkpoint.expand_vocab: %s has %d text rows, the model %d: added %d rows "
+                    "(normal(0, %g), seed %d); the codebook blocks moved up by as many", ckpt,
+                    expansion.old.text_vocab_size, expansion.new.text_vocab_size, expansion.grown,
+                    run_cfg.init_method_std, seed)

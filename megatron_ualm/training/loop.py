@@ -275,12 +275,15 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     ckpt_dir = os.path.join(exp, "checkpoints")
     latest = ckpt.find_latest_checkpoint(ckpt_dir) if cfg.checkpoint.auto_resume else None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, chunks, optimizer, scheduler)
+        # passed on so that a grown vocabulary is refused with why (optimizer state), not as a mismatch
+        state = ckpt.load_checkpoint(latest, chunks, optimizer, scheduler,
+                                     expand_vocab=cfg.checkpoint.expand_vocab)
         if runtime.is_rank_zero:
             print(f"[ualm] resumed from {latest} at iteration {state.iteration}", flush=True)
     elif cfg.checkpoint.load:
         ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, None, strict=False,
-                             load_optimizer=False, load_rng=False)
+                             load_optimizer=False, load_rng=False,
+                             expand_vocab=cfg.checkpoint.expand_vocab, new_rows_seed=t.seed)
         if runtime.is_rank_zero:
             print(f"[ualm] initialised weights from {cfg.checkpoint.load}", flush=True)
 
