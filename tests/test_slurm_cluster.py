@@ -11,7 +11,6 @@ Skipped, with the reason, where Slurm cannot be installed or run (no root, no pa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
