@@ -7,9 +7,9 @@ Every step runs the real command-line tool a user would run, and prints it first
  3. tiny pretrained parts   a byte-level BPE tokenizer trained on the demo text, a tiny random
                             X-Codec (the real classes, small configs; nothing is downloaded)
  4. tokenize                data_tools/preprocess_text.py, data_tools/preprocess_audio.py
- 5. train (2 processes)     torchrun ... -m megatron_ualm.train at TP=2 over gloo; half way the
-                            run gets SIGTERM (as from Slurm), saves a checkpoint and exits 42;
-                            the relaunch resumes from it and finishes
+ 5. train (2 processes)     torchrun ... -m megatron_ualm.train at TP=2 over gloo; half way every
+                            process gets SIGUSR1 (as from Slurm's --signal), the ranks save a
+                            checkpoint and ask for requeue; the relaunch resumes and finishes
  6. export to HuggingFace   checkpoints_convert/megatron_to_hf.py
  7. generate                python -m megatron_ualm.generate: a text answer and a text-to-audio clip
 
@@ -70,24 +70,36 @@ def read_losses(exp: str) -> dict[int, float]:
     return out
 
 
-def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: int, tp: int) -> int:
+REQUEUE = "requeue"
+
+
+def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: int, tp: int) -> int | str:
+    """Run the trainer under torchrun; with ``interrupt_at``, preempt it at that step. Returns the
+    exit code, or ``REQUEUE`` when it saved and asked to be requeued."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megatron_ualm.train", "--config", config, f"training.train_iters={iters}",
            f"parallel.tensor_parallel={tp}"]
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env)
+    marker = os.path.join(exp, "requeue-requested")
+    if os.path.exists(marker):
+        os.remove(marker)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UALM_REQUEUE_MARKER": marker}
+    # As slurm/pretrain_ualm.sh does: the torchrun agent ignores SIGUSR1 (its workers save).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
     if interrupt_at is not None:
         while proc.poll() is None and max(read_losses(exp), default=0) < interrupt_at:
             time.sleep(0.2)
         if proc.poll() is None:
-            import psutil
-            workers = psutil.Process(proc.pid).children()
-            print(f"\n[demo] step {interrupt_at} reached: sending SIGTERM to the {len(workers)} trainer "
-                  "processes, as Slurm does before a preemption or the time limit", flush=True)
-            for w in workers:
-                w.send_signal(signal.SIGTERM)
-    return proc.wait()
+            print(f"\n[demo] step {interrupt_at} reached: sending SIGUSR1 to every trainer process (agent, "
+                  "ranks, their helpers), as Slurm's --signal does before the time limit", flush=True)
+            os.killpg(proc.pid, signal.SIGUSR1)
+    code = proc.wait()
+    if code != 0 and os.path.exists(marker):
+        print(f"[demo] the trainer saved a checkpoint and asked to be requeued (torchrun exit code {code}, "
+              f"requeue marker {marker})", flush=True)
+        return REQUEUE
+    return code
 
 
 def main(argv=None) -> int:
@@ -153,8 +165,11 @@ checkpoint:
     code = train(config, exp, a.iters, a.iters // 2, a.nproc, a.nproc)
     if code == 0:
         print("[demo] training finished before the interruption", flush=True)
-    elif code != 0:
-        print(f"[demo] trainer exited with code {code} after saving; relaunching (it resumes)", flush=True)
+    elif code != REQUEUE:
+        print(f"[demo] training failed with exit code {code}", file=sys.stderr)
+        return code
+    else:
+        print("[demo] relaunching, as the Slurm script's requeue would (it resumes)", flush=True)
         code = train(config, exp, a.iters, None, a.nproc, a.nproc)
         if code != 0:
             print(f"[demo] training failed with exit code {code}", file=sys.stderr)
