@@ -85,15 +85,20 @@ def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: in
         os.remove(marker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UALM_REQUEUE_MARKER": marker}
     # As slurm/pretrain_ualm.sh does: the torchrun agent ignores SIGUSR1 (its workers save).
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
     if interrupt_at is not None:
         while proc.poll() is None and max(read_losses(exp), default=0) < interrupt_at:
             time.sleep(0.2)
         if proc.poll() is None:
             print(f"\n[demo] step {interrupt_at} reached: sending SIGUSR1 to every trainer process (agent, "
                   "ranks, their helpers), as Slurm's --signal does before the time limit", flush=True)
-            os.killpg(proc.pid, signal.SIGUSR1)
+            import psutil  # Slurm signals every process of the step, whatever its session
+            agent = psutil.Process(proc.pid)
+            for p in [agent, *agent.children(recursive=True)]:
+                try:
+                    p.send_signal(signal.SIGUSR1)
+                except psutil.NoSuchProcess:
+                    pass
     code = proc.wait()
     if code != 0 and os.path.exists(marker):
         print(f"[demo] the trainer saved a checkpoint and asked to be requeued (torchrun exit code {code}, "
@@ -163,6 +168,7 @@ checkpoint:
 """)
     print(f"== 5. train at TP={a.nproc} on {a.nproc} CPU processes (config: {config})", flush=True)
     code = train(config, exp, a.iters, a.iters // 2, a.nproc, a.nproc)
+    resumed = code == REQUEUE
     if code == 0:
         print("[demo] training finished before the interruption", flush=True)
     elif code != REQUEUE:
@@ -198,7 +204,8 @@ checkpoint:
     print("\n" + "=" * 72)
     print(f"UALM demo finished in {time.time() - started:.0f} s  (work dir: {work})")
     print(f"  loss            {first:.3f} at step {min(losses)} -> {last:.3f} at step {max(losses)}")
-    print(f"  checkpoints     {exp}/checkpoints (resumed after SIGTERM at step {a.iters // 2})")
+    print(f"  checkpoints     {exp}/checkpoints" + (f" (resumed after SIGUSR1 at step {a.iters // 2})" if resumed
+                                                     else " (not interrupted: training ended first)"))
     print(f"  HF export       {hf}")
     print(f"  Q: {DEMO_QUESTION}")
     print(f"  A: {q.get('text', q.get('error'))!r}  (expected {DEMO_ANSWER!r})")
