@@ -149,7 +149,9 @@ class CheckpointConfig:
     keep_last: int = 3               # checkpoints kept; older ones are deleted
     save_at_end: bool = True         # also save after the last iteration (off for benchmarks)
     load: str | None = None          # initial checkpoint directory (e.g. converted from HF)
-    auto_resume: bool = True         # continue from the newest checkpoint in experiment_dir
+    auto_resume: bool = True         # continue from the newest intact checkpoint in experiment_dir
+    hash_threads: int | None = None  # threads per rank hashing (sha256) the files it just saved;
+    #                                  None: the rank's share of the node's CPUs
 
 
 @dataclass
@@ -232,7 +234,7 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
         ("optimizer", ("lr", "adam_eps")),
         ("training", ("train_iters", "micro_batch_size", "global_batch_size", "eval_interval",
                       "log_interval")),
-        ("checkpoint", ("save_interval", "keep_last")),
+        ("checkpoint", ("save_interval", "keep_last", "hash_threads")),
     ):
         obj = _section(cfg, section)
         for name in names:

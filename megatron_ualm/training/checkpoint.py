@@ -18,6 +18,9 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
   *hangs* — ``save_checkpoint`` checks for it first;
 * the writer starts a ``multiprocessing`` Manager with the *spawn* method on the first save,
   which re-imports ``__main__``: scripts that save need an ``if __name__ == "__main__":`` guard;
+* every save goes through megatron's asynchronous request (``mcore_compat.start_sharded_save``),
+  executed at once, so that each rank's writer hashes its files right after writing them
+  (``checkpoint_files.write_rank_digests``);
 * ``DistributedDataParallel.sharded_state_dict`` prefixes every key with ``module.``; model
   chunks are unwrapped (DDP, Float16Module) before their state is taken;
 * the distributed optimizer cannot produce a state dict before its first step (saving
@@ -30,6 +33,7 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -42,18 +46,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ualm.mcore_compat import inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading
+from megatron_ualm.mcore_compat import (inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading,
+                                        start_sharded_save)
 from megatron_ualm.runtime.helper_processes import start_checkpoint_writer_queue
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
-    COMPLETE_MARKER, CONFIG_FILE, HASH_LIMIT_BYTES, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
+    COMPLETE_MARKER, CONFIG_FILE, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SHA256_CHUNK_BYTES,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
-    check_safe_to_unpickle, checkpoint_name, checkpoints_dir, find_latest_checkpoint,
-    read_manifest, remove_stale, resolve_checkpoint, seal_checkpoint, verify_checkpoint,
+    check_safe_to_unpickle, checkpoint_name, checkpoints_dir, find_latest_checkpoint, has_checkpoint,
+    read_manifest, remove_stale, resolve_checkpoint, seal_checkpoint, verify_checkpoint, write_rank_digests,
 )
 
 __all__ = [
     "CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
-    "find_latest_checkpoint", "resolve_checkpoint", "verify_checkpoint", "read_manifest",
+    "find_latest_checkpoint", "has_checkpoint", "resolve_checkpoint", "verify_checkpoint", "read_manifest",
     "apply_retention", "checkpoints_dir", "checkpoint_name", "COMPLETE_MARKER", "LATEST_FILE",
 ]
 
@@ -200,6 +205,36 @@ def _save_strategy(fully_parallel: bool):
 
 # --- save -----------------------------------------------------------------------------------
 
+def _write_rank_files(write, directory: str, rank: int, checksums: bool, hash_threads: Optional[int],
+                      *args, **kwargs) -> None:
+    """megatron's writer of this rank's files, then (``checksums``) their digests while they
+    are still in the page cache."""
+    write(*args, **kwargs)
+    if checksums:
+        write_rank_digests(directory, rank, hash_threads)
+
+
+def _seal_on_rank0(tmp: Path, final: Path, root: Path, iteration: int, state_json: str, config,
+                   layout: dict, contents: dict, optimizer_metadata: Optional[dict], nonce: str,
+                   keep_last: Optional[int], checksums: bool, hash_threads: Optional[int],
+                   started: float) -> None:
+    """The last step of a save, on every rank once every rank's files are written: rank 0 seals
+    the directory (``seal_checkpoint``) and applies retention; all ranks raise if it failed."""
+    error = None
+    if _rank() == 0:
+        try:
+            seal_checkpoint(tmp, final, root, iteration, state_json, config, layout, contents,
+                            optimizer_metadata, nonce, checksums, hash_threads)
+            if keep_last is not None:
+                apply_retention(root, keep_last)
+            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
+        except Exception as exc:  # every rank must learn of it, or they would wait forever
+            error = f"finishing checkpoint {final} failed: {type(exc).__name__}: {exc}"
+    error = _broadcast(error)
+    if error:
+        raise CheckpointError(error)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     iteration: int,
@@ -213,6 +248,8 @@ def save_checkpoint(
     save_rng: bool = True,
     optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING,
     fully_parallel: bool = True,
+    hash_threads: Optional[int] = None,
+    checksums: bool = True,
 ) -> Path:
     """Write ``<root>/iter_<iteration>/`` atomically; call on every rank together.
 
@@ -232,13 +269,16 @@ def save_checkpoint(
         optimizer_sharding: distributed-optimizer format ("fully_reshardable" loads at any
             layout; "dp_reshardable" is faster to write but loads only at the same TP/PP).
         fully_parallel: spread the writes of replicated shards over data-parallel ranks.
+        hash_threads: threads with which each rank hashes the files it wrote (None:
+            ``default_hash_threads()``).
+        checksums: False writes sizes only into the manifest (as manifests before checksums
+            of large files; for measuring what hashing costs).
 
     Returns the final directory. If a valid checkpoint of that iteration already exists it is
     kept and nothing is written (e.g. a preemption save right after a periodic one).
     Raises CheckpointError on every rank if the save could not be completed; the previous
     checkpoints are untouched in that case.
     """
-    from megatron.core import dist_checkpointing
     _require_runtime()
     try:
         import psutil  # noqa: F401  megatron's torch_dist writer hangs without it
@@ -258,7 +298,7 @@ def save_checkpoint(
     decision = None
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if final.exists() and not verify_checkpoint(final):
+        if final.exists() and not verify_checkpoint(final, contents=False):
             decision = {"skip": True}
         else:
             remove_stale(root)
@@ -280,26 +320,20 @@ def save_checkpoint(
     rng = _capture_rng() if save_rng else None
     state = _build_sharded_state_dict(model_chunks, optimizer, scheduler, rng, layout,
                                       is_loading=False, optimizer_metadata=optimizer_metadata)
-    start = time.monotonic()
+    started = time.monotonic()
     start_checkpoint_writer_queue()  # shielded from the preemption signal sent to the whole step
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(fully_parallel))
-    _barrier()  # every rank's files are closed (and fsynced by the writer) before we seal
-
-    error = None
-    if _rank() == 0:
-        try:
-            contents = {"model": True, "optimizer": optimizer is not None,
-                        "scheduler": scheduler is not None, "rng": save_rng}
-            seal_checkpoint(tmp, final, root, iteration, state_json, config, layout, contents,
-                  optimizer_metadata, decision["nonce"])
-            if keep_last is not None:
-                apply_retention(root, keep_last)
-            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - start)
-        except Exception as exc:  # every rank must learn of it, or they would wait forever
-            error = f"finishing checkpoint {final} failed: {type(exc).__name__}: {exc}"
-    error = _broadcast(error)
-    if error:
-        raise CheckpointError(error)
+    # Writes the common state now; the returned request writes this rank's .distcp files.
+    request = start_sharded_save(state, str(tmp), _save_strategy(fully_parallel))
+    if request.async_fn is not None:  # None: this rank has nothing to write
+        request = request._replace(async_fn=functools.partial(
+            _write_rank_files, request.async_fn, str(tmp), _rank(), checksums, hash_threads))
+    contents = {"model": True, "optimizer": optimizer is not None,
+                "scheduler": scheduler is not None, "rng": save_rng}
+    # megatron's finalisation (the .metadata file) runs first, then ours seals the directory.
+    request.finalize_fns.append(functools.partial(
+        _seal_on_rank0, tmp, final, root, iteration, state_json, config, layout, contents,
+        optimizer_metadata, decision["nonce"], keep_last, checksums, hash_threads, started))
+    request.execute_sync()  # write, barrier, finalise
     return final
 
 

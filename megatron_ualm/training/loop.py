@@ -273,11 +273,13 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     optimizer, scheduler = build_optimizer(cfg, chunks, tconfig)
     state = ckpt.TrainState()
     ckpt_dir = os.path.join(exp, "checkpoints")
-    latest = ckpt.find_latest_checkpoint(ckpt_dir) if cfg.checkpoint.auto_resume else None
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, chunks, optimizer, scheduler)
+    if cfg.checkpoint.auto_resume and ckpt.has_checkpoint(ckpt_dir):
+        # the newest intact one; a corrupt newer one is skipped with a warning, and if none is
+        # intact the run stops rather than start afresh over them
+        state = ckpt.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler)
         if runtime.is_rank_zero:
-            print(f"[ualm] resumed from {latest} at iteration {state.iteration}", flush=True)
+            print(f"[ualm] resumed from {os.path.join(ckpt_dir, ckpt.checkpoint_name(state.iteration))} "
+                  f"at iteration {state.iteration}", flush=True)
     elif cfg.checkpoint.load:
         ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, None, strict=False,
                              load_optimizer=False, load_rng=False)
@@ -308,7 +310,8 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
         state.extra["data_anchor"] = list(train_set.anchor_for(state.consumed_rows))
         with params_in_sync(chunks):
             ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
-                                 state, cfg, keep_last=cfg.checkpoint.keep_last)
+                                 state, cfg, keep_last=cfg.checkpoint.keep_last,
+                                 hash_threads=cfg.checkpoint.hash_threads)
         if runtime.is_rank_zero:
             print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
 
