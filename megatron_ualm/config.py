@@ -150,6 +150,10 @@ class CheckpointConfig:
     save_at_end: bool = True         # also save after the last iteration (off for benchmarks)
     load: str | None = None          # initial checkpoint directory (e.g. converted from HF)
     auto_resume: bool = True         # continue from the newest intact checkpoint in experiment_dir
+    async_save: bool = False         # write interval checkpoints in a background process while
+    #                                  training goes on; the next save, the end of training and a
+    #                                  preemption exit wait for it (the end and preemption saves
+    #                                  themselves are synchronous)
     hash_threads: int | None = None  # threads per rank hashing (sha256) the files it just saved;
     #                                  None: the rank's share of the node's CPUs
 

@@ -1,5 +1,5 @@
 """Checkpoints: exact resume, resharding across TP/PP, atomicity, checksums, retention,
-preemption.
+asynchronous saves, preemption.
 
 A tiny megatron GPTModel (local spec) stands in for the UALM model: the checkpoint layer only
 sees `sharded_state_dict()`, which the UALM model exposes the same way.
@@ -415,6 +415,71 @@ def test_parallel_hashing_of_pieces_matches_sha256_of_the_whole(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     assert ckpt_files.chunk_digests([tmp_path / "empty"])[tmp_path / "empty"]["sha256_chunks"] == [
         hashlib.sha256(b"").hexdigest()]
+
+
+# --- asynchronous saves ---------------------------------------------------------------------
+
+def test_async_save_holds_the_state_of_the_call_while_training_goes_on(tmp_path, runtime_guard):
+    rt, chunks, opt, sched = _setup()
+    for s in range(2):
+        _step(rt, chunks, opt, sched, s)
+    at_save = _params(chunks)
+    reference = ckpt.save_checkpoint(tmp_path / "sync", 2, chunks, opt, sched)
+    root = tmp_path / "async"
+    saves = ckpt.AsyncSaves()
+    final = ckpt.save_checkpoint(root, 2, chunks, opt, sched, async_saves=saves)
+    # Sealed only by a poll/wait after every rank's writer ended: until then a .tmp- dir.
+    assert saves.pending == [final] and not final.exists()
+    assert [p.name[:len("iter_0000002.tmp-")] for p in root.iterdir()] == ["iter_0000002.tmp-"]
+    _step(rt, chunks, opt, sched, 2)  # training goes on and changes the weights in place
+    # The next save finishes the pending one first.
+    ckpt.save_checkpoint(root, 3, chunks, opt, sched, async_saves=saves)
+    assert saves.pending == [root / "iter_0000003"] and ckpt.verify_checkpoint(final) == []
+    assert saves.wait() == [root / "iter_0000003"] and saves.pending == []
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+    # The same bytes as the synchronous save of that moment (model, Adam state, RNG), so
+    # resuming from either is the same; and loading gives the weights of the save call.
+    sync_files, async_files = ckpt.read_manifest(reference)["files"], ckpt.read_manifest(final)["files"]
+    assert sync_files.keys() == async_files.keys()
+    assert all(sync_files[f] == async_files[f] for f in sync_files if f != ".metadata")  # it holds a unique id
+    from megatron_ualm.runtime import shutdown_runtime
+    shutdown_runtime()
+    rt, chunks, opt, sched = _setup(seed=7)
+    assert ckpt.load_checkpoint(final, chunks, opt, sched).iteration == 2
+    for k, v in _params(chunks).items():
+        assert torch.equal(v, at_save[k]), k
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _save_async_dp2(root: str):
+    rt, chunks, opt, sched = _setup()  # 2 ranks, TP=PP=1: data-parallel, distributed optimizer
+    _step(rt, chunks, opt, sched, 0)
+    records = _Records()
+    logging.getLogger("megatron_ualm").addHandler(records)
+    saves = ckpt.AsyncSaves()
+    ckpt.save_checkpoint(root, 1, chunks, opt, sched, async_saves=saves)
+    _step(rt, chunks, opt, sched, 1)
+    return {"done": [str(p) for p in saves.wait()], "warnings": records.messages}
+
+
+@pytest.mark.slow
+def test_async_save_of_two_ranks_has_every_file_hashed_by_its_writer(tmp_path):
+    root = tmp_path / "checkpoints"
+    results = run_distributed(_save_async_dp2, 2, str(root))
+    assert [r["done"] for r in results] == [[str(root / "iter_0000001")]] * 2
+    assert [r["warnings"] for r in results] == [[], []]  # rank 0 re-hashed nothing
+    manifest = ckpt.read_manifest(root / "iter_0000001")
+    writers = {f.split("_")[2] for f in manifest["files"] if f.endswith(".distcp")}
+    assert writers == {"0", "1"} and ckpt.verify_checkpoint(root / "iter_0000001") == []
+    assert not list((root / "iter_0000001").glob(".digests*"))
 
 
 # --- resharding (multi-process) -------------------------------------------------------------

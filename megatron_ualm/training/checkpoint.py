@@ -18,9 +18,10 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
   *hangs* — ``save_checkpoint`` checks for it first;
 * the writer starts a ``multiprocessing`` Manager with the *spawn* method on the first save,
   which re-imports ``__main__``: scripts that save need an ``if __name__ == "__main__":`` guard;
-* every save goes through megatron's asynchronous request (``mcore_compat.start_sharded_save``),
-  executed at once, so that each rank's writer hashes its files right after writing them
-  (``checkpoint_files.write_rank_digests``);
+* every save goes through megatron's asynchronous request (``mcore_compat.start_sharded_save``):
+  executed at once for a synchronous save, or run by a process forked from the rank
+  (``AsyncSaves``, after the GPU tensors were copied to host memory); either way each rank's
+  writer hashes its files right after writing them (``checkpoint_files.write_rank_digests``);
 * ``DistributedDataParallel.sharded_state_dict`` prefixes every key with ``module.``; model
   chunks are unwrapped (DDP, Float16Module) before their state is taken;
 * the distributed optimizer cannot produce a state dict before its first step (saving
@@ -48,7 +49,7 @@ import torch.distributed as dist
 
 from megatron_ualm.mcore_compat import (inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading,
                                         start_sharded_save)
-from megatron_ualm.runtime.helper_processes import start_checkpoint_writer_queue
+from megatron_ualm.runtime.helper_processes import die_with_parent, shield_helper, start_checkpoint_writer_queue
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
     COMPLETE_MARKER, CONFIG_FILE, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SHA256_CHUNK_BYTES,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
@@ -57,7 +58,7 @@ from megatron_ualm.training.checkpoint_files import (  # re-exported: callers im
 )
 
 __all__ = [
-    "CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
+    "CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint", "AsyncSaves",
     "find_latest_checkpoint", "has_checkpoint", "resolve_checkpoint", "verify_checkpoint", "read_manifest",
     "apply_retention", "checkpoints_dir", "checkpoint_name", "COMPLETE_MARKER", "LATEST_FILE",
 ]
@@ -205,10 +206,74 @@ def _save_strategy(fully_parallel: bool):
 
 # --- save -----------------------------------------------------------------------------------
 
+class AsyncSaves:
+    """Checkpoints still being written in the background (``checkpoint.async_save``).
+
+    ``save_checkpoint(..., async_saves=saves)`` returns once megatron's writer has taken a
+    copy of the state (GPU tensors copied to host memory, then a forked writer process per
+    rank) and training goes on; the files go to the ``.tmp-`` directory meanwhile. When every
+    rank's writer has ended, the save is finished like a synchronous one: rank 0 gathers the
+    checksums into ``COMPLETE`` and renames the directory into place. Until then the previous
+    checkpoint is the newest one, so a kill at any moment loses only the one in flight.
+
+    Create one per run on every rank; every method is a collective (all ranks, same point).
+    ``poll`` finishes the saves whose writers are done (call it once per step while
+    ``pending``); ``wait`` blocks until all are done (before the next save, at the end of
+    training, before a preemption exit); ``abort`` kills the writers after an error.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        self._queue = AsyncCallsQueue(persistent=False)  # a forked writer process per save
+        self._paths: dict[int, Path] = {}  # call index -> the checkpoint it will complete
+
+    @property
+    def pending(self) -> list[Path]:
+        """The checkpoint directories whose saves are not finished yet, oldest first."""
+        return list(self._paths.values())
+
+    def schedule(self, request, final: Path) -> None:
+        """Start writing ``request`` (an ``AsyncRequest`` that completes ``final``)."""
+        self._paths[self._queue.schedule_async_request(request)] = final
+
+    def _finish(self, blocking: bool) -> list[Path]:
+        if not self._paths:
+            return []
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException:  # megatron has dropped the failed save from its queue: so do we
+            active = {call.idx for call in self._queue.async_calls}
+            self._paths = {i: p for i, p in self._paths.items() if i in active}
+            raise
+        return [self._paths.pop(i) for i in done]
+
+    def poll(self) -> list[Path]:
+        """Finish the saves whose writers have ended on every rank; returns their directories."""
+        return self._finish(blocking=False)
+
+    def wait(self) -> list[Path]:
+        """Block until every pending save is finished; returns their directories."""
+        return self._finish(blocking=True)
+
+    def abort(self) -> None:
+        """Kill the writers of unfinished saves: their ``.tmp-`` directories are never loaded
+        and the next save removes them. For error paths, where ranks may not meet again."""
+        for call in self._queue.async_calls:
+            call.async_caller.close(abort=True)
+        self._queue.async_calls.clear()
+        self._paths.clear()
+
+
 def _write_rank_files(write, directory: str, rank: int, checksums: bool, hash_threads: Optional[int],
-                      *args, **kwargs) -> None:
+                      trainer_pid: int, *args, **kwargs) -> None:
     """megatron's writer of this rank's files, then (``checksums``) their digests while they
-    are still in the page cache."""
+    are still in the page cache. Runs in the rank for a synchronous save; for an asynchronous
+    one in a process forked from it, which like the rank's other helpers outlives a preemption
+    signal to the whole job step (the rank waits for it before exiting) and dies with the rank,
+    and so do the processes megatron forks from it to write each file."""
+    if os.getpid() != trainer_pid:
+        shield_helper(trainer_pid)
+        os.register_at_fork(after_in_child=functools.partial(die_with_parent, os.getpid()))
     write(*args, **kwargs)
     if checksums:
         write_rank_digests(directory, rank, hash_threads)
@@ -248,6 +313,7 @@ def save_checkpoint(
     save_rng: bool = True,
     optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING,
     fully_parallel: bool = True,
+    async_saves: Optional[AsyncSaves] = None,
     hash_threads: Optional[int] = None,
     checksums: bool = True,
 ) -> Path:
@@ -269,6 +335,9 @@ def save_checkpoint(
         optimizer_sharding: distributed-optimizer format ("fully_reshardable" loads at any
             layout; "dp_reshardable" is faster to write but loads only at the same TP/PP).
         fully_parallel: spread the writes of replicated shards over data-parallel ranks.
+        async_saves: write in the background (see ``AsyncSaves``): returns once the writers
+            have started; the directory appears when ``async_saves.poll()``/``wait()`` finish
+            it. A save still pending there is finished first. None: write before returning.
         hash_threads: threads with which each rank hashes the files it wrote (None:
             ``default_hash_threads()``).
         checksums: False writes sizes only into the manifest (as manifests before checksums
@@ -293,6 +362,8 @@ def save_checkpoint(
     state_json = train_state.to_json()  # fail before any collective if it cannot be written
     final = root / checkpoint_name(iteration)
     layout = _layout()
+    if async_saves is not None:
+        async_saves.wait()  # one save at a time; the previous one also removes its stale dirs
 
     # Rank 0 decides (one view of the file system for all ranks) and prepares the tmp dir.
     decision = None
@@ -326,14 +397,17 @@ def save_checkpoint(
     request = start_sharded_save(state, str(tmp), _save_strategy(fully_parallel))
     if request.async_fn is not None:  # None: this rank has nothing to write
         request = request._replace(async_fn=functools.partial(
-            _write_rank_files, request.async_fn, str(tmp), _rank(), checksums, hash_threads))
+            _write_rank_files, request.async_fn, str(tmp), _rank(), checksums, hash_threads, os.getpid()))
     contents = {"model": True, "optimizer": optimizer is not None,
                 "scheduler": scheduler is not None, "rng": save_rng}
     # megatron's finalisation (the .metadata file) runs first, then ours seals the directory.
     request.finalize_fns.append(functools.partial(
         _seal_on_rank0, tmp, final, root, iteration, state_json, config, layout, contents,
         optimizer_metadata, decision["nonce"], keep_last, checksums, hash_threads, started))
-    request.execute_sync()  # write, barrier, finalise
+    if async_saves is None:
+        request.execute_sync()  # write, barrier, finalise
+    else:
+        async_saves.schedule(request, final)
     return final
 
 
