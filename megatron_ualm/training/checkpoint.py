@@ -35,6 +35,7 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import random
@@ -272,6 +273,7 @@ def _write_rank_files(write, directory: str, rank: int, checksums: bool, hash_th
     signal to the whole job step (the rank waits for it before exiting) and dies with the rank,
     and so do the processes megatron forks from it to write each file."""
     if os.getpid() != trainer_pid:
+        gc.disable()  # as in megatron's writer: collecting the rank's CUDA tensors here would fail
         shield_helper(trainer_pid)
         os.register_at_fork(after_in_child=functools.partial(die_with_parent, os.getpid()))
     write(*args, **kwargs)
