@@ -149,11 +149,17 @@ class CheckpointConfig:
     keep_last: int = 3               # checkpoints kept; older ones are deleted
     save_at_end: bool = True         # also save after the last iteration (off for benchmarks)
     load: str | None = None          # initial checkpoint directory (e.g. converted from HF)
-    auto_resume: bool = True         # continue from the newest checkpoint in experiment_dir
+    auto_resume: bool = True         # continue from the newest intact checkpoint in experiment_dir
     expand_vocab: bool = False       # `load` may have fewer text rows than model.text_vocab_size: add
     #                                  the new ones (normal(0, model.init_method_std), seeded by
     #                                  training.seed) and move each codebook block up; existing rows
     #                                  keep their ids. Off: any vocabulary difference is refused
+    async_save: bool = False         # write interval checkpoints in a background process while
+    #                                  training goes on; the next save, the end of training and a
+    #                                  preemption exit wait for it (the end and preemption saves
+    #                                  themselves are synchronous)
+    hash_threads: int | None = None  # threads per rank hashing (sha256) the files it just saved;
+    #                                  None: the rank's share of the node's CPUs
 
 
 @dataclass
@@ -236,7 +242,7 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
         ("optimizer", ("lr", "adam_eps")),
         ("training", ("train_iters", "micro_batch_size", "global_batch_size", "eval_interval",
                       "log_interval")),
-        ("checkpoint", ("save_interval", "keep_last")),
+        ("checkpoint", ("save_interval", "keep_last", "hash_threads")),
     ):
         obj = _section(cfg, section)
         for name in names:

@@ -15,7 +15,8 @@ The differences, oldest first:
   ``grad_norms_by_group``; the unfused RoPE takes ``mla_rotary_interleaved=`` (handled in
   ``model/rope.py`` by passing every keyword through); a distributed checkpoint may have no
   ``common.pt`` (that state is inside the sharded files); ``import megatron.core`` needs
-  ``triton``.
+  ``triton``; an asynchronous ``dist_checkpointing.save`` uses NVRx's writer unless asked
+  for megatron's own (``start_sharded_save``).
 * Loading the distributed optimizer without apex/TE (0.16 at least; the work-arounds are
   no-ops where the bugs are absent): ``prepare_optimizer_for_loading`` and
   ``load_optimizer_state`` below.
@@ -23,6 +24,7 @@ The differences, oldest first:
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, List
 
 import torch
@@ -71,6 +73,21 @@ def begin_optimizer_step(optimizer: Any) -> None:
     for part in [optimizer, *getattr(optimizer, "chained_optimizers", [])]:
         if hasattr(part, "grad_norms_by_group"):
             part.grad_norms_by_group = {}
+
+
+def start_sharded_save(sharded_state_dict: dict, directory: str, strategy: Any) -> Any:
+    """``dist_checkpointing.save(..., async_sharded_save=True)``: writes the common state, plans
+    the sharded files and returns megatron's ``AsyncRequest``, which writes them when executed
+    (``execute_sync()``, or scheduled on an ``AsyncCallsQueue``). Same writer on every release:
+    megatron's own (fork-based, in ``strategies/async_utils``); 0.19 would otherwise take
+    NVRx's (``async_strategy="nvrx"``, from nvidia-resiliency-ext), so it is asked for "mcore",
+    which is also what its synchronous save uses."""
+    from megatron.core import dist_checkpointing
+    kwargs = {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:  # >= 0.19
+        kwargs["async_strategy"] = "mcore"
+    return dist_checkpointing.save(sharded_state_dict, directory, sharded_strategy=strategy,
+                                   async_sharded_save=True, **kwargs)
 
 
 # --- loading the distributed optimizer's state -------------------------------------------------

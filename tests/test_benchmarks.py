@@ -13,6 +13,7 @@ SMOKE = {
     "codec_throughput": ["--tiny", "--clips", "2", "--seconds", "1"],
     "profile_step": ["--tiny", "--steps", "1", "--accumulate", "2"],
     "build_shards": ["--clips", "8"],
+    "checkpoint_hash": ["--tiny"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],
     "preprocess_text": ["--docs", "200"],
     # GPU-only measurements: on CPU they say so and exit 0 (their imports stay checked)

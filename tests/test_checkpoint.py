@@ -1,11 +1,14 @@
-"""Checkpoints: exact resume, resharding across TP/PP, atomicity, retention, preemption.
+"""Checkpoints: exact resume, resharding across TP/PP, atomicity, checksums, retention,
+asynchronous saves, preemption.
 
 A tiny megatron GPTModel (local spec) stands in for the UALM model: the checkpoint layer only
 sees `sharded_state_dict()`, which the UALM model exposes the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +24,7 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_ualm.training import checkpoint as ckpt
+from megatron_ualm.training import checkpoint_files as ckpt_files
 from megatron_ualm.training.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +34,9 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 
 # --- helpers (module level: spawned ranks unpickle them) -------------------------------------
 
-def _setup(tp=1, pp=1, seed=1234, distributed_optimizer=True):
-    """init_runtime + tiny GPT in mcore DDP + megatron Adam + cosine scheduler."""
+def _setup(tp=1, pp=1, seed=1234, distributed_optimizer=True, vocab=VOCAB):
+    """init_runtime + tiny GPT in mcore DDP + megatron Adam + cosine scheduler (``vocab``
+    rows of embedding and of output layer: 65536 makes each of its two files > 16 MiB)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -52,7 +57,7 @@ def _setup(tp=1, pp=1, seed=1234, distributed_optimizer=True):
         gradient_accumulation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
-                     vocab_size=VOCAB, max_sequence_length=SEQ,
+                     vocab_size=vocab, max_sequence_length=SEQ,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=False)
@@ -188,10 +193,14 @@ def test_round_trip_is_exact(tmp_path, runtime_guard):
     assert load_config(str(path / "config.yaml")) == cfg
     manifest = ckpt.read_manifest(path)
     # every file is listed (megatron-core < 0.19 also writes common.pt; 0.19 keeps that state
-    # inside the sharded files)
+    # inside the sharded files), the ranks' digest files are gone
     on_disk = {str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != "COMPLETE"}
     assert {"train_state.json", "config.yaml", ".metadata"} <= set(manifest["files"]) == on_disk
     assert manifest["layout"]["tp"] == 1 and manifest["contents"]["optimizer"]
+    # every file has checksums; one piece of a small file is its plain sha256
+    assert manifest["sha256_chunk_bytes"] == ckpt.SHA256_CHUNK_BYTES
+    for rel, entry in manifest["files"].items():
+        assert entry["sha256_chunks"] == [hashlib.sha256((path / rel).read_bytes()).hexdigest()], rel
 
 
 def test_model_only_checkpoint_needs_load_optimizer_false(tmp_path, runtime_guard):
@@ -302,6 +311,175 @@ def test_unsafe_pickle_is_refused(three_checkpoints, tmp_path):
     (path / ".metadata").write_bytes(__import__("pickle").dumps(Evil()))
     with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
         ckpt.check_safe_to_unpickle(path)
+
+
+def test_manifests_from_before_checksums_of_large_files_still_load(three_checkpoints, tmp_path):
+    """COMPLETE as written before every file was hashed: a sha256 for files up to 16 MiB."""
+    root = _copy(three_checkpoints, tmp_path)
+    path = root / "iter_0000003"
+    manifest = ckpt.read_manifest(path)
+    del manifest["sha256_chunk_bytes"]
+    manifest["files"] = {rel: {"size": e["size"], "sha256": e["sha256_chunks"][0] if e["size"] <= 16 * 2**20 else None}
+                         for rel, e in manifest["files"].items()}
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+    assert ckpt.verify_checkpoint(path) == [] and ckpt.find_latest_checkpoint(root) == path
+    _flip(path / "train_state.json", 2, 1)
+    assert [p.split(":")[0] for p in ckpt.verify_checkpoint(path)] == ["train_state.json"]
+    assert "checksum" in ckpt.verify_checkpoint(path)[0]
+
+
+# --- every file checksummed: bytes flipped after the save -----------------------------------
+
+BIG_VOCAB = 65536  # the embedding and the output layer then put each .distcp file over 16 MiB
+
+
+@pytest.fixture(scope="module")
+def two_big_checkpoints(tmp_path_factory):
+    """iter_0000001 and iter_0000002 of a model + distributed Adam run, each of whose .distcp
+    files is over 16 MiB (once checked by size only), and the weights at iteration 1."""
+    saved = {v: os.environ.pop(v) for v in _TORCHRUN_VARS if v in os.environ}
+    root = tmp_path_factory.mktemp("big") / "checkpoints"
+    from megatron_ualm.runtime import shutdown_runtime
+    try:
+        rt, chunks, opt, sched = _setup(vocab=BIG_VOCAB)
+        _step(rt, chunks, opt, sched, 1)
+        ckpt.save_checkpoint(root, 1, chunks, opt, sched, ckpt.TrainState(1, MB))
+        weights = _params(chunks)
+        _step(rt, chunks, opt, sched, 2)
+        ckpt.save_checkpoint(root, 2, chunks, opt, sched, ckpt.TrainState(2, 2 * MB))
+    finally:
+        shutdown_runtime()
+        os.environ.update(saved)
+    return root, weights
+
+
+def _flip(path: Path, offset: int, n: int = 64) -> None:
+    """Invert ``n`` bytes of ``path`` from ``offset`` (its size stays the same)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _in_large_shard(ckpt_dir: Path) -> tuple[Path, int]:
+    victim = _big_file(ckpt_dir)
+    assert victim.suffix == ".distcp" and victim.stat().st_size > 16 * 2**20
+    return victim, victim.stat().st_size // 2
+
+
+def _in_adam_state(ckpt_dir: Path) -> tuple[Path, int]:
+    """The middle of the largest Adam second-moment tensor (torch DCP's index says where)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    storage = FileSystemReader(str(ckpt_dir)).read_metadata().storage_data
+    info = max((s for i, s in storage.items() if ".exp_avg_sq." in i.fqn), key=lambda s: s.length)
+    return ckpt_dir / info.relative_path, info.offset + info.length // 2
+
+
+@pytest.mark.parametrize("where", [_in_large_shard, _in_adam_state], ids=["large_shard", "adam_state"])
+def test_flipped_bytes_mean_fall_back_on_resume_and_refusal_by_name(two_big_checkpoints, where, tmp_path,
+                                                                    runtime_guard, caplog):
+    src, weights_at_1 = two_big_checkpoints
+    root = _copy(src, tmp_path)
+    victim, offset = where(root / "iter_0000002")
+    _flip(victim, offset)
+    rt, chunks, opt, sched = _setup(vocab=BIG_VOCAB, seed=5)
+    # Auto-resume (the checkpoints dir): the previous checkpoint, after one warning line.
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.load_checkpoint(root, chunks, opt, sched).iteration == 1
+    for k, v in _params(chunks).items():
+        assert torch.equal(v, weights_at_1[k]), k
+    ours = [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("megatron_ualm")]
+    assert len(ours) == 1 and "\n" not in ours[0], ours
+    assert "iter_0000002" in ours[0] and f"{victim.name}: checksum" in ours[0]
+    # Named explicitly: refused in one line naming the file, the bytes and what to do.
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_checkpoint(root / "iter_0000002", chunks, opt, sched)
+    message = str(refused.value)
+    first = offset - offset % ckpt.SHA256_CHUNK_BYTES
+    assert "\n" not in message and message.startswith(
+        f"refusing to load {root / 'iter_0000002'}: {victim.name}: checksum (sha256) of bytes {first}..")
+    assert "Load an older checkpoint" in message
+    for k, v in _params(chunks).items():  # nothing was loaded
+        assert torch.equal(v, weights_at_1[k]), k
+
+
+def test_parallel_hashing_of_pieces_matches_sha256_of_the_whole(tmp_path):
+    f = tmp_path / "blob"
+    f.write_bytes(os.urandom(3 * 1000 + 17))
+    whole = ckpt_files.chunk_digests([f], threads=2, chunk_bytes=1000)[f]
+    data = f.read_bytes()
+    assert whole == {"size": len(data),
+                     "sha256_chunks": [hashlib.sha256(data[i:i + 1000]).hexdigest() for i in range(0, len(data), 1000)]}
+    (tmp_path / "empty").write_bytes(b"")
+    assert ckpt_files.chunk_digests([tmp_path / "empty"])[tmp_path / "empty"]["sha256_chunks"] == [
+        hashlib.sha256(b"").hexdigest()]
+
+
+# --- asynchronous saves ---------------------------------------------------------------------
+
+def test_async_save_holds_the_state_of_the_call_while_training_goes_on(tmp_path, runtime_guard):
+    rt, chunks, opt, sched = _setup()
+    for s in range(2):
+        _step(rt, chunks, opt, sched, s)
+    at_save = _params(chunks)
+    reference = ckpt.save_checkpoint(tmp_path / "sync", 2, chunks, opt, sched)
+    root = tmp_path / "async"
+    saves = ckpt.AsyncSaves()
+    final = ckpt.save_checkpoint(root, 2, chunks, opt, sched, async_saves=saves)
+    # Sealed only by a poll/wait after every rank's writer ended: until then a .tmp- dir.
+    assert saves.pending == [final] and not final.exists()
+    assert [p.name[:len("iter_0000002.tmp-")] for p in root.iterdir()] == ["iter_0000002.tmp-"]
+    _step(rt, chunks, opt, sched, 2)  # training goes on and changes the weights in place
+    # The next save finishes the pending one first.
+    ckpt.save_checkpoint(root, 3, chunks, opt, sched, async_saves=saves)
+    assert saves.pending == [root / "iter_0000003"] and ckpt.verify_checkpoint(final) == []
+    assert saves.wait() == [root / "iter_0000003"] and saves.pending == []
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+    # The same bytes as the synchronous save of that moment (model, Adam state, RNG), so
+    # resuming from either is the same; and loading gives the weights of the save call.
+    sync_files, async_files = ckpt.read_manifest(reference)["files"], ckpt.read_manifest(final)["files"]
+    assert sync_files.keys() == async_files.keys()
+    assert all(sync_files[f] == async_files[f] for f in sync_files if f != ".metadata")  # it holds a unique id
+    from megatron_ualm.runtime import shutdown_runtime
+    shutdown_runtime()
+    rt, chunks, opt, sched = _setup(seed=7)
+    assert ckpt.load_checkpoint(final, chunks, opt, sched).iteration == 2
+    for k, v in _params(chunks).items():
+        assert torch.equal(v, at_save[k]), k
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _save_async_dp2(root: str):
+    rt, chunks, opt, sched = _setup()  # 2 ranks, TP=PP=1: data-parallel, distributed optimizer
+    _step(rt, chunks, opt, sched, 0)
+    records = _Records()
+    logging.getLogger("megatron_ualm").addHandler(records)
+    saves = ckpt.AsyncSaves()
+    ckpt.save_checkpoint(root, 1, chunks, opt, sched, async_saves=saves)
+    _step(rt, chunks, opt, sched, 1)
+    return {"done": [str(p) for p in saves.wait()], "warnings": records.messages}
+
+
+@pytest.mark.slow
+def test_async_save_of_two_ranks_has_every_file_hashed_by_its_writer(tmp_path):
+    root = tmp_path / "checkpoints"
+    results = run_distributed(_save_async_dp2, 2, str(root))
+    assert [r["done"] for r in results] == [[str(root / "iter_0000001")]] * 2
+    assert [r["warnings"] for r in results] == [[], []]  # rank 0 re-hashed nothing
+    manifest = ckpt.read_manifest(root / "iter_0000001")
+    writers = {f.split("_")[2] for f in manifest["files"] if f.endswith(".distcp")}
+    assert writers == {"0", "1"} and ckpt.verify_checkpoint(root / "iter_0000001") == []
+    assert not list((root / "iter_0000001").glob(".digests*"))
 
 
 # --- resharding (multi-process) -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The trainer end to end on CPU: exact resume after kill -9, resharded resume, preemption."""
+"""The trainer end to end on CPU: exact resume after kill -9 (also during an asynchronous save),
+resharded resume, preemption."""
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_utils import run_distributed
+from megatron_ualm.training import checkpoint as ckpt
 from tiny_training import tiny_config, write_datasets
 
 HERE = Path(__file__).resolve().parent
@@ -22,6 +24,20 @@ from megatron_ualm.training.loop import pretrain
 if __name__ == "__main__":
     pretrain(tiny_config(sys.argv[1], sys.argv[2], *sys.argv[3:]))
 """
+# The same, but the background writer of iteration 4's checkpoint never ends (it has written
+# and hashed its files): a kill is sure to come while that save is in flight.
+RUNNER_WITH_STUCK_WRITER = RUNNER.replace("if __name__", """
+import time
+from megatron_ualm.training import checkpoint
+write_rank_files = checkpoint._write_rank_files
+
+def stuck_at_iteration_4(write, directory, *args, **kwargs):
+    write_rank_files(write, directory, *args, **kwargs)
+    if "iter_0000004.tmp-" in directory:
+        time.sleep(3600)
+
+checkpoint._write_rank_files = stuck_at_iteration_4
+if __name__""")
 
 
 def losses(exp_dir) -> dict:
@@ -38,9 +54,9 @@ def losses(exp_dir) -> dict:
     return out
 
 
-def start(data, exp, *overrides, new_session=False):
+def start(data, exp, *overrides, new_session=False, runner=RUNNER):
     script = Path(exp).parent / "runner.py"
-    script.write_text(RUNNER)
+    script.write_text(runner)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(script), str(data), str(exp), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -86,6 +102,40 @@ def test_kill9_then_resume_gives_bitwise_identical_losses(data, tmp_path):
     got = losses(tmp_path / "run")
     for step in range(1, 9):
         assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise
+
+
+@pytest.mark.slow
+def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(data, tmp_path):
+    iters = "training.train_iters=8"  # checkpoints every 2 iterations
+    ref = start(data, tmp_path / "ref", iters)  # synchronous saves
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    expected = losses(tmp_path / "ref")
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    victim = start(data, run, iters, "checkpoint.async_save=true", runner=RUNNER_WITH_STUCK_WRITER,
+                   new_session=True)
+    wait_for_step(victim, run, 5)  # training went on while iteration 4's save is in flight
+    assert (ckpts / "iter_0000002" / "COMPLETE").exists() and not (ckpts / "iter_0000004").exists()
+    assert [p.name[:17] for p in ckpts.glob("iter_0000004.*")] == ["iter_0000004.tmp-"]
+    victim.kill()
+    victim.communicate(timeout=30)
+    deadline = time.time() + 10  # the stuck writer (and every other helper) dies with the trainer
+    while [d for d in os.listdir("/proc") if d.isdigit() and _pgid(int(d)) == victim.pid] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [d for d in os.listdir("/proc") if d.isdigit() and _pgid(int(d)) == victim.pid]
+
+    again = start(data, run, iters, "checkpoint.async_save=true")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert f"resumed from {ckpts / 'iter_0000002'} at iteration 2" in out
+    got = losses(run)
+    for step in range(1, 9):  # resumed from a checkpoint written in the background: bitwise the same
+        assert got[step] == expected[step], (step, got[step], expected[step])
+    # the partial save was removed by the next one; what is left is intact
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                                       "iter_0000008", "latest"]
+    assert all(ckpt.verify_checkpoint(ckpts / f"iter_000000{i}") == [] for i in (2, 4, 6, 8))
 
 
 def _train(data, exp, layout, iters, copy_from=None):

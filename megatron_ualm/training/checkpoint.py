@@ -24,6 +24,10 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
   *hangs* — ``save_checkpoint`` checks for it first;
 * the writer starts a ``multiprocessing`` Manager with the *spawn* method on the first save,
   which re-imports ``__main__``: scripts that save need an ``if __name__ == "__main__":`` guard;
+* every save goes through megatron's asynchronous request (``mcore_compat.start_sharded_save``):
+  executed at once for a synchronous save, or run by a process forked from the rank
+  (``AsyncSaves``, after the GPU tensors were copied to host memory); either way each rank's
+  writer hashes its files right after writing them (``checkpoint_files.write_rank_digests``);
 * ``DistributedDataParallel.sharded_state_dict`` prefixes every key with ``module.``; model
   chunks are unwrapped (DDP, Float16Module) before their state is taken;
 * the distributed optimizer cannot produce a state dict before its first step (saving
@@ -36,6 +40,8 @@ Megatron quirks (megatron-core 0.16; the optimizer-loading ones are worked aroun
 """
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
 import random
@@ -48,21 +54,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ualm.mcore_compat import inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading
-from megatron_ualm.runtime.helper_processes import start_checkpoint_writer_queue
+from megatron_ualm.mcore_compat import (inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading,
+                                        start_sharded_save)
+from megatron_ualm.runtime.helper_processes import die_with_parent, shield_helper, start_checkpoint_writer_queue
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
-    COMPLETE_MARKER, CONFIG_FILE, HASH_LIMIT_BYTES, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
+    COMPLETE_MARKER, CONFIG_FILE, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SHA256_CHUNK_BYTES,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
-    check_safe_to_unpickle, checkpoint_name, checkpoints_dir, find_latest_checkpoint,
-    read_manifest, remove_stale, resolve_checkpoint, seal_checkpoint, verify_checkpoint,
+    check_safe_to_unpickle, checkpoint_name, checkpoints_dir, find_latest_checkpoint, has_checkpoint,
+    read_manifest, remove_stale, resolve_checkpoint, seal_checkpoint, verify_checkpoint, write_rank_digests,
 )
 from megatron_ualm.training.checkpoint_shapes import (
     VOCAB_TABLES, VocabExpansion, check_layout, check_tensor_shapes, saved_model_config, saved_tensor_shapes,
 )
 
 __all__ = [
-    "CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
-    "find_latest_checkpoint", "resolve_checkpoint", "verify_checkpoint", "read_manifest",
+    "CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint", "AsyncSaves",
+    "find_latest_checkpoint", "has_checkpoint", "resolve_checkpoint", "verify_checkpoint", "read_manifest",
     "apply_retention", "checkpoints_dir", "checkpoint_name", "COMPLETE_MARKER", "LATEST_FILE",
 ]
 
@@ -209,6 +216,101 @@ def _save_strategy(fully_parallel: bool):
 
 # --- save -----------------------------------------------------------------------------------
 
+class AsyncSaves:
+    """Checkpoints still being written in the background (``checkpoint.async_save``).
+
+    ``save_checkpoint(..., async_saves=saves)`` returns once megatron's writer has taken a
+    copy of the state (GPU tensors copied to host memory, then a forked writer process per
+    rank) and training goes on; the files go to the ``.tmp-`` directory meanwhile. When every
+    rank's writer has ended, the save is finished like a synchronous one: rank 0 gathers the
+    checksums into ``COMPLETE`` and renames the directory into place. Until then the previous
+    checkpoint is the newest one, so a kill at any moment loses only the one in flight.
+
+    Create one per run on every rank; every method is a collective (all ranks, same point).
+    ``poll`` finishes the saves whose writers are done (call it once per step while
+    ``pending``); ``wait`` blocks until all are done (before the next save, at the end of
+    training, before a preemption exit); ``abort`` kills the writers after an error.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        self._queue = AsyncCallsQueue(persistent=False)  # a forked writer process per save
+        self._paths: dict[int, Path] = {}  # call index -> the checkpoint it will complete
+
+    @property
+    def pending(self) -> list[Path]:
+        """The checkpoint directories whose saves are not finished yet, oldest first."""
+        return list(self._paths.values())
+
+    def schedule(self, request, final: Path) -> None:
+        """Start writing ``request`` (an ``AsyncRequest`` that completes ``final``)."""
+        self._paths[self._queue.schedule_async_request(request)] = final
+
+    def _finish(self, blocking: bool) -> list[Path]:
+        if not self._paths:
+            return []
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException:  # megatron has dropped the failed save from its queue: so do we
+            active = {call.idx for call in self._queue.async_calls}
+            self._paths = {i: p for i, p in self._paths.items() if i in active}
+            raise
+        return [self._paths.pop(i) for i in done]
+
+    def poll(self) -> list[Path]:
+        """Finish the saves whose writers have ended on every rank; returns their directories."""
+        return self._finish(blocking=False)
+
+    def wait(self) -> list[Path]:
+        """Block until every pending save is finished; returns their directories."""
+        return self._finish(blocking=True)
+
+    def abort(self) -> None:
+        """Kill the writers of unfinished saves: their ``.tmp-`` directories are never loaded
+        and the next save removes them. For error paths, where ranks may not meet again."""
+        for call in self._queue.async_calls:
+            call.async_caller.close(abort=True)
+        self._queue.async_calls.clear()
+        self._paths.clear()
+
+
+def _write_rank_files(write, directory: str, rank: int, checksums: bool, hash_threads: Optional[int],
+                      trainer_pid: int, *args, **kwargs) -> None:
+    """megatron's writer of this rank's files, then (``checksums``) their digests while they
+    are still in the page cache. Runs in the rank for a synchronous save; for an asynchronous
+    one in a process forked from it, which like the rank's other helpers outlives a preemption
+    signal to the whole job step (the rank waits for it before exiting) and dies with the rank,
+    and so do the processes megatron forks from it to write each file."""
+    if os.getpid() != trainer_pid:
+        gc.disable()  # as in megatron's writer: collecting the rank's CUDA tensors here would fail
+        shield_helper(trainer_pid)
+        os.register_at_fork(after_in_child=functools.partial(die_with_parent, os.getpid()))
+    write(*args, **kwargs)
+    if checksums:
+        write_rank_digests(directory, rank, hash_threads)
+
+
+def _seal_on_rank0(tmp: Path, final: Path, root: Path, iteration: int, state_json: str, config,
+                   layout: dict, contents: dict, optimizer_metadata: Optional[dict], nonce: str,
+                   keep_last: Optional[int], checksums: bool, hash_threads: Optional[int],
+                   started: float) -> None:
+    """The last step of a save, on every rank once every rank's files are written: rank 0 seals
+    the directory (``seal_checkpoint``) and applies retention; all ranks raise if it failed."""
+    error = None
+    if _rank() == 0:
+        try:
+            seal_checkpoint(tmp, final, root, iteration, state_json, config, layout, contents,
+                            optimizer_metadata, nonce, checksums, hash_threads)
+            if keep_last is not None:
+                apply_retention(root, keep_last)
+            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
+        except Exception as exc:  # every rank must learn of it, or they would wait forever
+            error = f"finishing checkpoint {final} failed: {type(exc).__name__}: {exc}"
+    error = _broadcast(error)
+    if error:
+        raise CheckpointError(error)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     iteration: int,
@@ -222,6 +324,9 @@ def save_checkpoint(
     save_rng: bool = True,
     optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING,
     fully_parallel: bool = True,
+    async_saves: Optional[AsyncSaves] = None,
+    hash_threads: Optional[int] = None,
+    checksums: bool = True,
 ) -> Path:
     """Write ``<root>/iter_<iteration>/`` atomically; call on every rank together.
 
@@ -241,13 +346,19 @@ def save_checkpoint(
         optimizer_sharding: distributed-optimizer format ("fully_reshardable" loads at any
             layout; "dp_reshardable" is faster to write but loads only at the same TP/PP).
         fully_parallel: spread the writes of replicated shards over data-parallel ranks.
+        async_saves: write in the background (see ``AsyncSaves``): returns once the writers
+            have started; the directory appears when ``async_saves.poll()``/``wait()`` finish
+            it. A save still pending there is finished first. None: write before returning.
+        hash_threads: threads with which each rank hashes the files it wrote (None:
+            ``default_hash_threads()``).
+        checksums: False writes sizes only into the manifest (as manifests before checksums
+            of large files; for measuring what hashing costs).
 
     Returns the final directory. If a valid checkpoint of that iteration already exists it is
     kept and nothing is written (e.g. a preemption save right after a periodic one).
     Raises CheckpointError on every rank if the save could not be completed; the previous
     checkpoints are untouched in that case.
     """
-    from megatron.core import dist_checkpointing
     _require_runtime()
     try:
         import psutil  # noqa: F401  megatron's torch_dist writer hangs without it
@@ -262,12 +373,14 @@ def save_checkpoint(
     state_json = train_state.to_json()  # fail before any collective if it cannot be written
     final = root / checkpoint_name(iteration)
     layout = _layout()
+    if async_saves is not None:
+        async_saves.wait()  # one save at a time; the previous one also removes its stale dirs
 
     # Rank 0 decides (one view of the file system for all ranks) and prepares the tmp dir.
     decision = None
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if final.exists() and not verify_checkpoint(final):
+        if final.exists() and not verify_checkpoint(final, contents=False):
             decision = {"skip": True}
         else:
             remove_stale(root)
@@ -289,26 +402,23 @@ def save_checkpoint(
     rng = _capture_rng() if save_rng else None
     state = _build_sharded_state_dict(model_chunks, optimizer, scheduler, rng, layout,
                                       is_loading=False, optimizer_metadata=optimizer_metadata)
-    start = time.monotonic()
+    started = time.monotonic()
     start_checkpoint_writer_queue()  # shielded from the preemption signal sent to the whole step
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(fully_parallel))
-    _barrier()  # every rank's files are closed (and fsynced by the writer) before we seal
-
-    error = None
-    if _rank() == 0:
-        try:
-            contents = {"model": True, "optimizer": optimizer is not None,
-                        "scheduler": scheduler is not None, "rng": save_rng}
-            seal_checkpoint(tmp, final, root, iteration, state_json, config, layout, contents,
-                  optimizer_metadata, decision["nonce"])
-            if keep_last is not None:
-                apply_retention(root, keep_last)
-            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - start)
-        except Exception as exc:  # every rank must learn of it, or they would wait forever
-            error = f"finishing checkpoint {final} failed: {type(exc).__name__}: {exc}"
-    error = _broadcast(error)
-    if error:
-        raise CheckpointError(error)
+    # Writes the common state now; the returned request writes this rank's .distcp files.
+    request = start_sharded_save(state, str(tmp), _save_strategy(fully_parallel))
+    if request.async_fn is not None:  # None: this rank has nothing to write
+        request = request._replace(async_fn=functools.partial(
+            _write_rank_files, request.async_fn, str(tmp), _rank(), checksums, hash_threads, os.getpid()))
+    contents = {"model": True, "optimizer": optimizer is not None,
+                "scheduler": scheduler is not None, "rng": save_rng}
+    # megatron's finalisation (the .metadata file) runs first, then ours seals the directory.
+    request.finalize_fns.append(functools.partial(
+        _seal_on_rank0, tmp, final, root, iteration, state_json, config, layout, contents,
+        optimizer_metadata, decision["nonce"], keep_last, checksums, hash_threads, started))
+    if async_saves is None:
+        request.execute_sync()  # write, barrier, finalise
+    else:
+        async_saves.schedule(request, final)
     return final
 
 

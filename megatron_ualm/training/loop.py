@@ -6,7 +6,8 @@
         forward/backward over the micro-batches (megatron's schedule: no pipelining, 1F1B
             or interleaved, chosen by the parallel layout)
         agree on NaN across ranks -> optimizer step (clipped) -> lr schedule
-        log, evaluate, checkpoint (periodic, on SIGTERM/SIGUSR1, at the end)
+        log, evaluate, checkpoint (periodic, on SIGTERM/SIGUSR1, at the end; periodic ones
+            in the background with checkpoint.async_save, finished by a later step)
 
 Rows consumed by iteration i are a pure function of i (see ``data/loader.py``), so a
 restart from the checkpoint of iteration i continues exactly where the run was.
@@ -273,13 +274,15 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     optimizer, scheduler = build_optimizer(cfg, chunks, tconfig)
     state = ckpt.TrainState()
     ckpt_dir = os.path.join(exp, "checkpoints")
-    latest = ckpt.find_latest_checkpoint(ckpt_dir) if cfg.checkpoint.auto_resume else None
-    if latest is not None:
-        # passed on so that a grown vocabulary is refused with why (optimizer state), not as a mismatch
-        state = ckpt.load_checkpoint(latest, chunks, optimizer, scheduler,
+    if cfg.checkpoint.auto_resume and ckpt.has_checkpoint(ckpt_dir):
+        # the newest intact one; a corrupt newer one is skipped with a warning, and if none is
+        # intact the run stops rather than start afresh over them. expand_vocab is passed on so
+        # that a grown vocabulary is refused with why (optimizer state), not as a mismatch.
+        state = ckpt.load_checkpoint(ckpt_dir, chunks, optimizer, scheduler,
                                      expand_vocab=cfg.checkpoint.expand_vocab)
         if runtime.is_rank_zero:
-            print(f"[ualm] resumed from {latest} at iteration {state.iteration}", flush=True)
+            print(f"[ualm] resumed from {os.path.join(ckpt_dir, ckpt.checkpoint_name(state.iteration))} "
+                  f"at iteration {state.iteration}", flush=True)
     elif cfg.checkpoint.load:
         ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, None, strict=False,
                              load_optimizer=False, load_rng=False,
@@ -305,15 +308,31 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     peak = peak_tflops(torch.cuda.get_device_name() if runtime.device.type == "cuda" else None)
     tokens_per_iteration = t.global_batch_size * cfg.data.seq_length
     preemption = PreemptionHandler()
+    background = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
+    if background is not None:
+        # A save still pending on leaving was cut short by an error, after which the ranks may
+        # not meet again: its writer is killed and the next save removes its .tmp- directory.
+        closing.callback(background.abort)
 
-    def save(reason: str):
+    def finish_background_saves(block: bool):
+        if background is None or not background.pending:
+            return
+        for path in background.wait() if block else background.poll():
+            if runtime.is_rank_zero:
+                print(f"[ualm] checkpoint {path} complete (written in the background)", flush=True)
+
+    def save(reason: str, in_background: bool = False):
         state.extra["data_key"] = data_key
         state.extra["data_anchor"] = list(train_set.anchor_for(state.consumed_rows))
+        finish_background_saves(block=True)  # one save at a time
         with params_in_sync(chunks):
             ckpt.save_checkpoint(ckpt_dir, state.iteration, chunks, optimizer, scheduler,
-                                 state, cfg, keep_last=cfg.checkpoint.keep_last)
+                                 state, cfg, keep_last=cfg.checkpoint.keep_last,
+                                 async_saves=background if in_background else None,
+                                 hash_threads=cfg.checkpoint.hash_threads)
         if runtime.is_rank_zero:
-            print(f"[ualm] saved checkpoint at iteration {state.iteration} ({reason})", flush=True)
+            done = "started saving checkpoint" if in_background else "saved checkpoint"
+            print(f"[ualm] {done} at iteration {state.iteration} ({reason})", flush=True)
 
     window_time, window_wait, window_steps = 0.0, 0.0, 0
     first_iteration = state.iteration
@@ -325,6 +344,7 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
         window_time += time.perf_counter() - step_start
         if status == "nonfinite":
             if cfg.training.nan_policy == "stop":
+                finish_background_saves(block=True)  # every rank stops here: keep the last save
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {state.iteration + 1}; training.nan_policy=stop. Resume "
                     "from the last checkpoint with a lower optimizer.lr, or set training.nan_policy=skip")
@@ -362,13 +382,15 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
                 metrics.log(state.iteration, {f"loss/{k}": v for k, v in results.items()}, kind="valid")
                 print("[ualm] valid " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
 
+        finish_background_saves(block=False)
         if preemption.should_stop():
-            save("preemption signal")
+            save("preemption signal")  # after the background save in flight, if any
             metrics.close()
             preemption.exit_for_requeue()
         if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
-            save("interval")
+            save("interval", in_background=cfg.checkpoint.async_save)
     if cfg.checkpoint.save_at_end and state.iteration % cfg.checkpoint.save_interval:
         save("end of training")
+    finish_background_saves(block=True)
     metrics.close()
     return state
