@@ -304,7 +304,8 @@ def test_cli_round_trip_and_refusal(hf_dir, tmp_path, capsys):
     assert_hf_roundtrip_exact(hf_dir, str(tmp_path / "hf2"), tied=False)
     rc = cli("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--no-progress",
                                 "data.seq_length=128"])
-    assert rc == 2 and "refused" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--overwrite" in err and len(err.splitlines()) == 1
 
 
 def test_reload_and_save_with_trainer_code_at_tp1_pp1(hf_dir, tmp_path, runtime):

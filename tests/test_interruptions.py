@@ -20,6 +20,8 @@ from megatron_ualm.data.tokenizer import train_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "data_tools")
+# the tools import this checkout (and whatever megatron-core the tests were given)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 WORDS = "the a dog cat barks near river music loud quiet what is two and four bird sings".split()
 DATASET_EXTS = (".bin", ".idx", ".audio.bin", ".audio.idx", ".meta.json", ".rejects.jsonl")
 
@@ -69,7 +71,7 @@ def _kill_tool_once_workers_run(cmd, workers: int, log) -> list[psutil.Process]:
     moment, SIGKILL it (not its workers), and return the workers."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+                                env={**ENV, "OMP_NUM_THREADS": "1"})
     tool = psutil.Process(proc.pid)
     deadline = time.time() + 120
     while len(tool.children(recursive=True)) < workers:
@@ -109,7 +111,7 @@ def test_preprocess_text_workers_die_with_parent_and_rerun_is_clean(demo, tmp_pa
     # which surely finished) and of a merge killed part-way.
     (tmp_path / "t.parts" / "chunk-000000.bin.tmp999999").write_bytes(b"partial")
     (tmp_path / "t.bin.tmp999998").write_bytes(b"partial")
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed" in rerun.stdout + rerun.stderr
     assert _tmp_files(tmp_path) == [] and not os.path.exists(tmp_path / "t.parts")
@@ -129,7 +131,7 @@ def test_build_shards_workers_die_with_parent_and_rerun_is_clean(demo, tmp_path)
     _assert_workers_die(kids)
     assert not (out / "index.json").exists()
     (out / "shard-000000.tar.tmp.999999").write_bytes(b"partial")  # as a killed writer leaves it
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _tmp_files(tmp_path) == []
     build_shards([clips], str(tmp_path / "u"), samples_per_shard=50, num_workers=1, progress=False)
@@ -146,8 +148,7 @@ def test_preprocess_audio_rerun_after_killed_merge(demo, tmp_path):
     out = str(tmp_path / "a")
     cmd = [sys.executable, os.path.join(TOOLS, "preprocess_audio.py"), "--task", "audio_to_caption",
            "--input", d.etta, "--tokenizer", tok, "--chunk-size", "3", "--no-progress", "--out", out]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    killed = subprocess.run(cmd, env={**env, KILL_ENV: "3"}, capture_output=True)  # 8 entries: 3 chunks
+    killed = subprocess.run(cmd, env={**ENV, KILL_ENV: "3"}, capture_output=True)  # 8 entries: 3 chunks
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert len(glob.glob(f"{out}.parts/chunk-*.meta.json")) == 3 and not os.path.exists(f"{out}.meta.json")
     reference = str(tmp_path / "u")
@@ -159,7 +160,7 @@ def test_preprocess_audio_rerun_after_killed_merge(demo, tmp_path):
             with open(f"{out}{ext}.tmp{pid}", "wb") as f:
                 f.write(whole[: len(whole) // 2])
     assert len(_tmp_files(tmp_path)) == 10
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "0 written now, 3 resumed" in rerun.stdout + rerun.stderr
     assert _tmp_files(tmp_path) == []
@@ -178,7 +179,7 @@ def test_merge_datasets_rerun_after_killed_merge(demo, tmp_path):
         (tmp_path / f"ab{ext}.tmp31337").write_bytes(b"half")
     merged = subprocess.run([sys.executable, os.path.join(TOOLS, "merge_datasets.py"), "--out",
                              str(tmp_path / "ab"), *parts], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+                            env=ENV)
     assert merged.returncode == 0, merged.stderr
     assert _tmp_files(tmp_path) == []
     _same_bytes(str(tmp_path / "ab"), str(tmp_path / "ref"))

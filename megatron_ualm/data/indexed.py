@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ualm.fileutil import write_atomic
+from megatron_ualm.errors import UserError
+from megatron_ualm.fileutil import read_json, write_atomic
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
 
@@ -56,7 +57,7 @@ def _megatron_indexed():
     return indexed_dataset
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(UserError, ValueError):
     """A stored dataset does not fit the vocabulary, task or tokenizer it is opened with."""
 
 
@@ -254,9 +255,8 @@ def read_meta(prefix: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {prefix} is not a finished megatron_ualm dataset "
                                 "(re-run the preprocessing tool; it resumes where it stopped)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME:
+    meta = read_json(path, "re-run the preprocessing tool", DatasetMismatchError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DatasetMismatchError(f"{path}: not a {FORMAT_NAME} sidecar")
     if meta.get("version") != FORMAT_VERSION:
         raise DatasetMismatchError(f"{path}: format version {meta.get('version')}, this code reads "
