@@ -10,17 +10,20 @@ Writes <out>/config.yaml (model shape from the HF config.json; train with
 `--config <out>/config.yaml`) and <out>/checkpoints/iter_0000000 (model only; loads at any
 TP/PP). Exit status 2 with one line on stderr when the input is refused.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ualm.cli import ArgumentParser, exit_on_user_error, quiet_megatron  # noqa: E402
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quiet_megatron()
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf", required=True, help="local HF Qwen2/Qwen2.5 directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output experiment directory (created)")
     p.add_argument("--config", help="base UALM YAML (non-shape settings); default: built-in defaults")
@@ -39,23 +42,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from megatron_ualm.config import ConfigError, load_config
-    from megatron_ualm.convert import ConversionError, convert_hf_to_megatron
+    from megatron_ualm.config import load_config
+    from megatron_ualm.convert import convert_hf_to_megatron
 
     overrides = list(args.overrides)
     for flag, key in ((args.num_codebooks, "model.num_codebooks"), (args.codebook_size, "model.codebook_size"),
                       (args.encoder, "model.encoder.kind")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    try:
-        cfg = load_config(args.config, overrides)
-        report = convert_hf_to_megatron(
-            args.hf, args.out, cfg, encoder_path=args.encoder_path, tensor_parallel=args.tensor_parallel,
-            dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, seed=args.seed,
-            overwrite=args.overwrite, show_progress=False if args.no_progress else None)
-    except (ConversionError, ConfigError) as e:
-        print(f"hf_to_megatron: refused: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    report = convert_hf_to_megatron(
+        args.hf, args.out, cfg, encoder_path=args.encoder_path, tensor_parallel=args.tensor_parallel,
+        dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, seed=args.seed,
+        overwrite=args.overwrite, show_progress=False if args.no_progress else None)
     print(report.format())
     return 0
 

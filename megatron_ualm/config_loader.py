@@ -19,8 +19,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from megatron_ualm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message is one line naming the key at fault."""
 
 
@@ -178,8 +180,16 @@ def read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"base: circular inheritance through {path}")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}: line {mark.line + 1} column {mark.column + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e}); check the file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,4 +1,5 @@
-"""File helpers shared by the data and training layers: content hashing and atomic writes.
+"""File helpers shared by the data and training layers: content hashing, atomic writes and
+reading the JSON files users hand in.
 
 Each caller names its own temporary path: the formats differ in how leftovers of a killed
 writer are recognised and cleaned up (``.tmp<pid>``, ``.tmp.<pid>``, ``.<name>.tmp-<nonce>``).
@@ -6,9 +7,12 @@ writer are recognised and cleaned up (``.tmp<pid>``, ``.tmp.<pid>``, ``.<name>.t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
-__all__ = ["sha256_file", "write_atomic"]
+from megatron_ualm.errors import UserError
+
+__all__ = ["read_json", "sha256_file", "write_atomic"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -28,3 +32,17 @@ def write_atomic(path: str | os.PathLike, data: bytes, tmp: str | os.PathLike) -
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, fix: str, error: type[UserError] = UserError):
+    """The parsed JSON file at ``path``. A missing, unreadable or malformed file raises
+    ``error`` naming the file (and the line), followed by ``fix`` (what the user should do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    except FileNotFoundError:
+        raise error(f"{path}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({e}); {fix}") from None

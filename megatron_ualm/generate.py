@@ -19,7 +19,9 @@ tokenizer=DIR, codec=DIR, device=cpu|cuda, precision=fp32|bf16, backend=graph|ca
 
 Output in OUT: ``answers.jsonl`` (one record per request, manifest order; format in
 ``megatron_ualm/inference/runner.py``), ``wavs/*.wav`` (16 kHz), ``summary.json``.
-Exit status 0 when every request got a record (error records included), 1 otherwise.
+Exit status 0 when every request got a record (error records included), 1 otherwise, 2
+(one line on stderr) for a mistake in the command: a missing or damaged checkpoint, requests
+file, tokenizer or codec, or a bad setting -- all checked before the model is built.
 
 Several processes (torchrun / srun): rank r answers requests r, r + W, r + 2W, ... and
 rank 0 merges the per-rank files.
@@ -33,12 +35,17 @@ import os
 import sys
 import time
 
+from megatron_ualm.cli import ArgumentParser, exit_on_user_error, setup_logging
+from megatron_ualm.config_loader import ConfigError
+from megatron_ualm.errors import UserError
+
 RUN_KEYS = ("tokenizer", "codec", "device", "precision", "backend", "max_prompt_rows")
+RUN_CHOICES = {"device": ("cpu", "cuda"), "precision": ("fp32", "bf16"), "backend": ("graph", "cached", "full")}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m megatron_ualm.generate", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m megatron_ualm.generate", description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Megatron checkpoint/experiment dir or exported HF dir")
     parser.add_argument("--requests", required=True, help="JSONL (or JSON list) of requests")
     parser.add_argument("--out", required=True, help="output directory")
@@ -50,37 +57,46 @@ def parse_args(argv=None):
             parser.error(f"{item}: expected key=value")
         key, value = item.split("=", 1)
         (run if key in RUN_KEYS else overrides)[key] = value
+    for key, allowed in RUN_CHOICES.items():
+        if key in run and run[key] not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {run[key]!r}")
+    if "max_prompt_rows" in run and not (run["max_prompt_rows"].isdigit() and int(run["max_prompt_rows"]) > 0):
+        raise ConfigError(f"max_prompt_rows: expected a positive integer, got {run['max_prompt_rows']!r}")
     return args, run, overrides
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging("%(asctime)s %(levelname)s %(message)s")
     args, run, overrides = parse_args(argv)
 
     import torch
     import torch.distributed as dist
 
     from megatron_ualm.inference.engine import Engine
-    from megatron_ualm.inference.loading import load_codec_for, load_model, load_tokenizer_for
+    from megatron_ualm.inference.loading import load_codec_for, load_model, load_tokenizer_for, open_checkpoint
     from megatron_ualm.inference.runner import merge_rank_files, read_requests, run_requests, write_jsonl
     from megatron_ualm.inference.sampling import GenerationSettings
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
 
+    # Everything the user named is checked before the model is built.
+    GenerationSettings.from_overrides(overrides)
+    records = list(enumerate(read_requests(args.requests)))
+    if run.get("device") == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda, but no CUDA GPU is visible; pass device=cpu")
+    source = open_checkpoint(args.checkpoint)
     device = run.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     rt = init_runtime(device=device, seed=0)
     precision = run.get("precision") or ("bf16" if rt.device.type == "cuda" else "fp32")
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    model, cfg = load_model(args.checkpoint, rt.device, precision)
-    model_cfg = model.model_cfg
-    tokenizer = load_tokenizer_for(args.checkpoint, cfg, run.get("tokenizer"))
-    codec = load_codec_for(cfg, model_cfg, rt.device, run.get("codec"))
-    overrides.setdefault("frame_rate", codec.info.frame_rate)
-    settings = GenerationSettings.from_overrides(overrides)
+    tokenizer = load_tokenizer_for(source, run.get("tokenizer"))
+    codec = load_codec_for(source, rt.device, run.get("codec"))
+    settings = GenerationSettings.from_overrides({"frame_rate": codec.info.frame_rate, **overrides})
+    model = load_model(source, rt.device, precision)
     engine = Engine(model, backend=run.get("backend"), tokenizer_size=len(tokenizer))
     load_s = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
 
-    records = list(enumerate(read_requests(args.requests)))
     mine = records[rt.rank::rt.world_size]
     t1 = time.perf_counter()
     answers = run_requests(engine, mine, args.out, settings, tokenizer.encode, tokenizer.decode, codec,

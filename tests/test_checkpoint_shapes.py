@@ -258,8 +258,8 @@ def test_expand_vocab_at_tp2_gives_the_rows_of_tp1(saved):
 
 @pytest.mark.slow
 def test_trainer_cli_refuses_the_checkpoint_with_one_line(saved, tmp_path):
-    """End to end: ``checkpoint.load`` of the saved run with another codebook_size. (The exit
-    status and the bare line on stderr are the CLI's business: megatron_ualm/train.py.)"""
+    """End to end: ``checkpoint.load`` of the saved run with another codebook_size: one line on
+    stderr, exit 2, nothing written."""
     path = saved["with_config"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
@@ -269,8 +269,9 @@ def test_trainer_cli_refuses_the_checkpoint_with_one_line(saved, tmp_path):
                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     expected = (f"checkpoint {path} was trained with model.codebook_size=16 (4 x 17 = 68 audio rows) but the config "
                 "says model.codebook_size=8 (4 x 9 = 36 audio rows); set model.codebook_size=16 to load it")
-    assert r.returncode != 0
-    assert any(expected in line for line in r.stderr.splitlines()), r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and expected in lines[0], lines
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

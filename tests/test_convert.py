@@ -260,6 +260,29 @@ def test_output_is_never_half_written(hf_dir, tmp_path, monkeypatch):
     _export(out, tmp_path / "x")
 
 
+def _tree_bytes(root) -> dict:
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
+def test_rerun_removes_leftovers_of_killed_conversions(hf_dir, tmp_path):
+    """A conversion killed mid-write leaves ``.<out>.tmp-<pid>``; one killed while swapping in
+    its output also ``.<out>.old-<pid>`` and no <out>. The next run deletes both (any pid)."""
+    _convert(hf_dir, tmp_path / "ref")
+    for pid in (4242, 4343):
+        (tmp_path / f".meg.tmp-{pid}" / "checkpoints").mkdir(parents=True)
+        (tmp_path / f".meg.tmp-{pid}" / "checkpoints" / "__0_0.distcp").write_bytes(b"partial")
+    (tmp_path / ".meg.old-4141").mkdir()
+    (tmp_path / ".meg.old-4141" / "config.yaml").write_text("model: {}\n")
+    _convert(hf_dir, tmp_path / "meg")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "meg", "ref"]
+    meg, ref = _tree_bytes(tmp_path / "meg"), _tree_bytes(tmp_path / "ref")
+    assert sorted(meg) == sorted(ref)
+    # the config names its own experiment directory (and COMPLETE hashes the config)
+    own_path = {"config.yaml", "checkpoints/iter_0000000/config.yaml", "checkpoints/iter_0000000/COMPLETE"}
+    assert [k for k in meg if meg[k] != ref[k] and k not in own_path] == []
+
+
 def test_cli_round_trip_and_refusal(hf_dir, tmp_path, capsys):
     import importlib.util
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,7 +304,8 @@ def test_cli_round_trip_and_refusal(hf_dir, tmp_path, capsys):
     assert_hf_roundtrip_exact(hf_dir, str(tmp_path / "hf2"), tied=False)
     rc = cli("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--no-progress",
                                 "data.seq_length=128"])
-    assert rc == 2 and "refused" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--overwrite" in err and len(err.splitlines()) == 1
 
 
 def test_reload_and_save_with_trainer_code_at_tp1_pp1(hf_dir, tmp_path, runtime):

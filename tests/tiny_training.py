@@ -60,17 +60,24 @@ def write_datasets(root: str, n: int = 40, seed: int = 0) -> dict:
     return prefixes
 
 
+TINY_YAML = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny.yaml")
+
+
 def tiny_config(data_root: str, experiment_dir: str, *overrides: str):
+    return load_config(TINY_YAML, tiny_overrides(data_root, experiment_dir, *overrides))
+
+
+def tiny_overrides(data_root: str, experiment_dir: str, *overrides: str) -> list[str]:
+    """The key=value settings over examples/tiny.yaml of the tiny run (datasets written first)."""
     prefixes = write_datasets(data_root) if not os.path.exists(os.path.join(data_root, "text.bin")) else {
         "text_only": os.path.join(data_root, "text"), "caption_to_audio": os.path.join(data_root, "tta"),
         "audio_to_caption": os.path.join(data_root, "a2c")}
     train = ", ".join(f"{{path: {p}, task: {t}, weight: 1}}" for t, p in prefixes.items())
-    base = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny.yaml")
-    return load_config(base, [
+    return [
         f"data.train=[{train}]", f"data.valid=[{{path: {prefixes['text_only']}, task: text_only}}]",
         f"model.text_vocab_size={TEXT_ROWS}", f"model.num_codebooks={K}", f"model.codebook_size={C}",
         "data.seq_length=96", "data.num_workers=0", "data.cfg_dropout_prob=0.2",
         "training.micro_batch_size=2", "training.global_batch_size=4", "training.train_iters=6",
         "training.log_interval=1", "training.eval_interval=1000", "optimizer.warmup_iters=2",
         f"checkpoint.experiment_dir={experiment_dir}", "checkpoint.save_interval=2", "checkpoint.keep_last=5",
-        *overrides])
+        *overrides]

@@ -19,6 +19,7 @@ from typing import Optional
 
 from megatron_ualm.convert.errors import ConversionError
 from megatron_ualm.training import checkpoint_files as train_ckpt
+from megatron_ualm.training.preflight import resolve_named_checkpoint
 
 CHECKPOINTS = "checkpoints"
 LATEST = train_ckpt.LATEST_FILE
@@ -51,10 +52,7 @@ def seal(experiment_dir: str, iteration: int, tensor_parallel: int, extra: Optio
 def resolve_complete(path: str) -> str:
     """A complete, verified checkpoint directory from an iter_XXXXXXX, checkpoints or
     experiment directory; a partial or damaged one is refused with its problems."""
-    try:
-        return str(train_ckpt.resolve_checkpoint(os.path.abspath(path)))
-    except train_ckpt.CheckpointError as e:
-        raise ConversionError(f"{e} (a partially written or damaged checkpoint is never converted)") from None
+    return str(resolve_named_checkpoint(os.path.abspath(path), "--checkpoint", ConversionError))
 
 
 def iteration_of(iter_dir: str) -> Optional[int]:

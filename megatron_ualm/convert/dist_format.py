@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ualm.convert.errors import ConversionError
+from megatron_ualm.fileutil import read_json
 
 MEGATRON_METADATA = "metadata.json"
 COMMON_STATE = "common.pt"
@@ -106,7 +107,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         piece = self._pieces[(index.fqn, tuple(index.offset))]
         tensor = piece.produce()
         if tuple(tensor.shape) != tuple(piece.shape) or tensor.dtype != piece.dtype:
-            raise ConversionError(f"internal: {piece.key} at {piece.offsets} was produced as "
+            raise RuntimeError(f"internal: {piece.key} at {piece.offsets} was produced as "
                                   f"{tuple(tensor.shape)} {tensor.dtype}, planned {piece.shape} {piece.dtype}")
         if self._on_piece is not None:
             self._on_piece(piece)
@@ -208,10 +209,10 @@ class DistCheckpointReader:
             raise ConversionError(f"{directory}: not a megatron distributed checkpoint (no {MEGATRON_METADATA} "
                                   f"or {DCP_METADATA}); pass an iter_XXXXXXX directory written by the trainer "
                                   "or by hf_to_megatron")
-        with open(meta_path) as f:
-            backend = json.load(f)
-        if backend.get("sharded_backend") != "torch_dist":
-            raise ConversionError(f"{meta_path}: sharded_backend {backend.get('sharded_backend')!r} is not "
+        backend = read_json(meta_path, "the checkpoint is damaged: load an older one", ConversionError)
+        sharded = backend.get("sharded_backend") if isinstance(backend, dict) else None
+        if sharded != "torch_dist":
+            raise ConversionError(f"{meta_path}: sharded_backend {sharded!r} is not "
                                   "supported; only 'torch_dist' checkpoints can be converted")
         self.metadata = FileSystemReader(directory).read_metadata()
 

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from megatron_ualm.convert.errors import ConversionError
+from megatron_ualm.errors import one_line
+from megatron_ualm.fileutil import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
+_REFETCH = "the directory is damaged or incomplete: copy, download or export it again"
 SINGLE_FILE = "model.safetensors"
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -51,8 +54,11 @@ class HFCheckpoint:
         if files is not None:
             files = list(files)
         elif os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            doc = read_json(index, _REFETCH, ConversionError)
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no \"weight_map\" object; {_REFETCH}")
+            files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
             files = [SINGLE_FILE]
         else:
@@ -69,7 +75,12 @@ class HFCheckpoint:
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise ConversionError(f"{path}: listed in {INDEX_FILE} but missing; the download is incomplete")
-            handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            except (SafetensorError, OSError) as e:
+                self.close()
+                raise ConversionError(f"{path}: not a readable safetensors file ({one_line(e)}); "
+                                      f"{_REFETCH}") from None
             for key in handle.keys():
                 if not key.startswith(prefix):
                     continue
@@ -108,10 +119,15 @@ class HFCheckpoint:
 
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{directory}: no such directory; pass a local HF model directory (nothing is "
+                              "downloaded)")
     if not os.path.isfile(path):
-        raise ConversionError(f"{directory}: no config.json (expected a local HF model directory)")
-    with open(path) as f:
-        return json.load(f)
+        raise ConversionError(f"{directory}: no config.json; pass a local HF model directory ({_REFETCH})")
+    config = read_json(path, _REFETCH, ConversionError)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(config).__name__}; {_REFETCH}")
+    return config
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -150,10 +166,10 @@ class SafetensorsStreamWriter:
 
     def write(self, name: str, tensor: Tensor) -> None:
         if self._next >= len(self.specs):
-            raise ConversionError(f"internal: {self.path}: unexpected tensor {name}")
+            raise RuntimeError(f"internal: {self.path}: unexpected tensor {name}")
         spec = self.specs[self._next]
         if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ConversionError(f"internal: {self.path}: expected {spec}, got {name} "
+            raise RuntimeError(f"internal: {self.path}: expected {spec}, got {name} "
                                   f"{tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().contiguous().cpu()
         if data.numel():  # raw little-endian bytes, written from the tensor's memory without a copy
@@ -164,7 +180,7 @@ class SafetensorsStreamWriter:
         if self._next != len(self.specs):
             missing = [s.name for s in self.specs[self._next:]]
             self._file.close()
-            raise ConversionError(f"internal: {self.path}: tensors never written: {missing[:5]}")
+            raise RuntimeError(f"internal: {self.path}: tensors never written: {missing[:5]}")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

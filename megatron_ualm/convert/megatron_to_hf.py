@@ -38,6 +38,7 @@ from megatron_ualm.convert.layout import (
     ualm_to_hf_layer,
 )
 from megatron_ualm.convert.output import Report, atomic_output_dir, check_output_dir, progress
+from megatron_ualm.fileutil import read_json
 from megatron_ualm.formats.vocab import NUM_SPECIAL_SLOTS, SPECIAL_TOKENS, UnifiedVocab
 from megatron_ualm.model.hf_adapter import qwen2_config_dict
 from megatron_ualm.training.checkpoint_files import read_manifest
@@ -258,6 +259,30 @@ def _write_ualm_config(directory: str, cfg: UALMConfig, vocab: UnifiedVocab, ite
 
 
 # --- back to a model ---------------------------------------------------------------------------------
+def read_export_config(directory: str) -> tuple[dict, UALMConfig]:
+    """(the parsed ualm_config.json, the UALMConfig the exported model is rebuilt from) of an
+    exported directory; reads no tensor."""
+    path = os.path.join(directory, UALM_CONFIG)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{directory}: no {UALM_CONFIG}; not a UALM export (see megatron_to_hf)")
+    fix = "export the checkpoint again with checkpoints_convert/megatron_to_hf.py"
+    doc = read_json(path, fix, ConversionError)
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        version = doc.get("format_version") if isinstance(doc, dict) else None
+        raise ConversionError(f"{path}: format_version {version} is not {FORMAT_VERSION}; {fix}")
+    if not isinstance(doc.get("model"), dict) or not isinstance(doc.get("paths"), dict):
+        raise ConversionError(f"{path}: no \"model\" and \"paths\" objects; {fix}")
+    m = from_dict(ModelConfig, doc["model"], prefix=f"{path}: model")
+    if m.encoder.kind != "none":  # build the encoder from the stored config, weights come from the extras
+        m.encoder = EncoderConfig(kind=m.encoder.kind, path=None, frozen=m.encoder.frozen,
+                                  window_seconds=m.encoder.window_seconds,
+                                  tiny={k: v for k, v in doc["encoder_config"].items()
+                                        if k not in ("architectures", "transformers_version")})
+    cfg = UALMConfig(model=m, paths=PathsConfig(**{**to_dict(PathsConfig()),
+                                                   **{k: v for k, v in doc["paths"].items() if v}}))
+    return doc, cfg
+
+
 def load_ualm_from_hf(directory: str, precision: str = "fp32"):
     """(UALMModel at TP=1/PP=1 in eval mode, UALMConfig) from an exported directory.
 
@@ -272,28 +297,18 @@ def load_ualm_from_hf(directory: str, precision: str = "fp32"):
     from megatron_ualm.model.ualm_model import UALMModel
     from megatron_ualm.runtime import init_runtime
 
-    path = os.path.join(directory, UALM_CONFIG)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{directory}: no {UALM_CONFIG}; not a UALM export (see megatron_to_hf)")
-    with open(path) as f:
-        doc = json.load(f)
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ConversionError(f"{path}: format_version {doc.get('format_version')} is not {FORMAT_VERSION}")
-    m = from_dict(ModelConfig, doc["model"])
-    if m.encoder.kind != "none":  # build the encoder from the stored config, weights come from the extras
-        m.encoder = EncoderConfig(kind=m.encoder.kind, path=None, frozen=m.encoder.frozen,
-                                  window_seconds=m.encoder.window_seconds,
-                                  tiny={k: v for k, v in doc["encoder_config"].items()
-                                        if k not in ("architectures", "transformers_version")})
+    doc, cfg = read_export_config(directory)
+    m = cfg.model
     if not dist.is_initialized():
         init_runtime(device=None if torch.cuda.is_available() else "cpu")
     elif parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ConversionError("load_ualm_from_hf builds a TP=1/PP=1 model; the running runtime has TP or PP > 1")
-    model = UALMModel(m, transformer_config_from(m, None, precision))
     s = _shape_of(m)
+    # the files (headers) are checked before the model is built
     with HFCheckpoint(directory) as ckpt, HFCheckpoint(directory, files=[doc["extras_file"]]) as ualm:
         _check_exported_rows(directory, m, ckpt, ualm)
+        model = UALMModel(m, transformer_config_from(m, None, precision))
         get = ckpt.get
         extras = {n: ualm.get(n) for n in (SPECIAL_EMBEDDING, SPECIAL_HEAD, AUDIO_EMBEDDING, AUDIO_HEAD)}
         emb, head = ualm_tables_from_parts(get("model.embed_tokens.weight"), get("lm_head.weight"), extras,
@@ -310,8 +325,6 @@ def load_ualm_from_hf(directory: str, precision: str = "fp32"):
     if missing or unexpected:
         raise ConversionError(f"{directory}: the exported tensors do not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    cfg = UALMConfig(model=m, paths=PathsConfig(**{**to_dict(PathsConfig()),
-                                                   **{k: v for k, v in doc["paths"].items() if v}}))
     return model.eval(), cfg
 
 

@@ -4,11 +4,14 @@
 body finishes is it renamed to ``path``. An existing non-empty ``path`` is refused unless
 ``overwrite``; then the old directory is moved aside, the new one renamed in, and the old
 one deleted -- a crash at any point leaves either the old or the new directory whole
-(plus, at worst, a ``.<name>.old-*`` / ``.<name>.tmp-*`` sibling to delete by hand).
+(plus, at worst, a ``.<name>.old-<pid>`` / ``.<name>.tmp-<pid>`` sibling). The next run
+deletes such leftovers of any pid: ``.tmp-`` ones before it writes, ``.old-`` ones once its
+new directory is in place.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,8 +39,8 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     path = check_output_dir(path, overwrite)
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent, base, "tmp")
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
@@ -45,12 +48,17 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.path.exists(path):
-        old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
+        os.rename(path, os.path.join(parent, f".{base}.old-{os.getpid()}"))
+    os.rename(tmp, path)
+    _remove_leftovers(parent, base, "old")
+
+
+def _remove_leftovers(parent: str, base: str, kind: str) -> None:
+    """Delete the ``.<base>.<kind>-<pid>`` siblings of ``base`` (any pid)."""
+    pattern = re.compile(rf"\.{re.escape(base)}\.{kind}-\d+")
+    for name in os.listdir(parent):
+        if pattern.fullmatch(name):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 class Report:

@@ -20,8 +20,10 @@ Reading a document touches only the index arrays and one contiguous slice of ``P
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import struct
 import warnings
 from typing import Iterable, Sequence
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ualm.fileutil import write_atomic
+from megatron_ualm.errors import UserError
+from megatron_ualm.fileutil import read_json, write_atomic
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
 
@@ -43,6 +46,7 @@ AUDIO_DTYPE = np.int16
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.dtype(np.int16): 3, np.dtype(np.int32): 4}
 _COPY_BLOCK = 1 << 24  # elements per block when copying/patching .bin files
+_TMP_SUFFIX = re.compile(r"\.tmp\d+")  # what _tmp() appends to a file name
 
 
 def _megatron_indexed():
@@ -53,7 +57,7 @@ def _megatron_indexed():
     return indexed_dataset
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(UserError, ValueError):
     """A stored dataset does not fit the vocabulary, task or tokenizer it is opened with."""
 
 
@@ -73,11 +77,27 @@ def meta_path(prefix: str) -> str:
     return f"{prefix}.meta.json"
 
 
+def _file_names(prefix: str) -> list[str]:
+    return [bin_path(prefix), idx_path(prefix), bin_path(audio_prefix(prefix)),
+            idx_path(audio_prefix(prefix)), meta_path(prefix)]
+
+
 def dataset_files(prefix: str) -> list[str]:
     """Every file of a dataset prefix that exists."""
-    names = [bin_path(prefix), idx_path(prefix), bin_path(audio_prefix(prefix)),
-             idx_path(audio_prefix(prefix)), meta_path(prefix)]
-    return [n for n in names if os.path.exists(n)]
+    return [n for n in _file_names(prefix) if os.path.exists(n)]
+
+
+def remove_stale_tmp(prefix: str) -> list[str]:
+    """Delete the ``<file>.tmp<pid>`` files that writers of ``prefix`` killed mid-way left
+    behind (any pid); returns their paths. Call before writing ``prefix`` again: each prefix
+    has one writer at a time, so no live writer's file is touched."""
+    removed = []
+    for name in _file_names(prefix):
+        for path in glob.glob(glob.escape(name) + ".tmp*"):
+            if _TMP_SUFFIX.fullmatch(path[len(name):]):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -125,13 +145,15 @@ class DocumentWriter:
     """Streams documents (lists of Segments) and clips to a dataset prefix.
 
     Nothing is visible under the final names until :meth:`finalize` renames the files
-    (sidecar last), so an interrupted writer leaves only ``*.tmp<pid>`` files behind.
+    (sidecar last), so an interrupted writer leaves only ``*.tmp<pid>`` files behind; the
+    next writer of the prefix deletes them.
     """
 
     def __init__(self, prefix: str, with_audio: bool):
         self.prefix = prefix
         self.with_audio = with_audio
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        remove_stale_tmp(prefix)
         self._tmp = {bin_path(prefix): _tmp(bin_path(prefix)), idx_path(prefix): _tmp(idx_path(prefix))}
         self._bin = open(self._tmp[bin_path(prefix)], "wb", buffering=1 << 20)
         self._lengths: list[int] = []
@@ -233,9 +255,8 @@ def read_meta(prefix: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {prefix} is not a finished megatron_ualm dataset "
                                 "(re-run the preprocessing tool; it resumes where it stopped)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME:
+    meta = read_json(path, "re-run the preprocessing tool", DatasetMismatchError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DatasetMismatchError(f"{path}: not a {FORMAT_NAME} sidecar")
     if meta.get("version") != FORMAT_VERSION:
         raise DatasetMismatchError(f"{path}: format version {meta.get('version')}, this code reads "
@@ -374,6 +395,7 @@ def concat_datasets(prefixes: Sequence[str], out_prefix: str, meta: dict) -> Non
     """Concatenate datasets (documents in order) into ``out_prefix``; AudioRef clip indices
     are shifted by the clips of the datasets before. ``meta`` is the merged sidecar."""
     with_audio = any(os.path.exists(idx_path(audio_prefix(p))) for p in prefixes)
+    remove_stale_tmp(out_prefix)
     tmp = {bin_path(out_prefix): _tmp(bin_path(out_prefix)), idx_path(out_prefix): _tmp(idx_path(out_prefix))}
     ap = audio_prefix(out_prefix)
     if with_audio:

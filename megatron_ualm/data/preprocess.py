@@ -18,11 +18,10 @@ their share of all entries is above ``max_reject_fraction``.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import re
+import shutil
 import signal
 import sys
 import time
@@ -45,10 +44,10 @@ from megatron_ualm.data.tokenizer import check_text_vocab, load_tokenizer, token
 from megatron_ualm.fileutil import sha256_file
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
+from megatron_ualm.procutil import die_with_parent
 
 DEFAULT_CHUNK_SIZE = {"text_only": 5000}
 DEFAULT_AUDIO_CHUNK_SIZE = 512
-_TMP_RE = re.compile(r"\.tmp\d+$")
 KILL_ENV = "UALM_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after N new chunks
 
 
@@ -222,8 +221,9 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(cfg, vocab, base_meta):
+def _init_worker(parent_pid, cfg, vocab, base_meta):
     global _WORKER
+    die_with_parent(parent_pid)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER = _Worker(cfg, vocab, base_meta)
 
@@ -272,14 +272,6 @@ def _read_json(path: str) -> dict | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _clean_tmp(out: str, chunks: set[int] | None) -> None:
-    for path in glob.glob(os.path.join(parts_dir(out), "chunk-*")):
-        if _TMP_RE.search(path):
-            c = int(os.path.basename(path)[6:12])
-            if chunks is None or c in chunks:
-                os.remove(path)
 
 
 def _resolve_vocab(cfg: PreprocessConfig, tokenizer):
@@ -351,7 +343,6 @@ def run_preprocess(cfg: PreprocessConfig) -> RunSummary:
                 skipped += 1
                 bar.update(len(items))
                 continue
-            _clean_tmp(cfg.out, {c})
             yield c, items
 
     def finished(meta: dict):
@@ -365,7 +356,7 @@ def run_preprocess(cfg: PreprocessConfig) -> RunSummary:
     use_pool = cfg.task == "text_only" and cfg.workers > 1
     if use_pool:
         with ProcessPoolExecutor(cfg.workers, initializer=_init_worker,
-                                 initargs=(cfg, vocab, base)) as pool:
+                                 initargs=(os.getpid(), cfg, vocab, base)) as pool:
             pending = set()
             for c, items in todo():
                 pending.add(pool.submit(_run_in_worker, c, items))
@@ -394,14 +385,8 @@ def run_preprocess(cfg: PreprocessConfig) -> RunSummary:
         return summary
     wait_for_chunks(cfg, num_chunks, chunk_done)
     merged = merge_chunks(cfg, num_chunks, base)
-    if not cfg.keep_parts:
-        for c in range(num_chunks):
-            for path in I.dataset_files(chunk_prefix(cfg.out, c)):
-                os.remove(path)
-        try:
-            os.rmdir(parts_dir(cfg.out))
-        except OSError:
-            pass
+    if not cfg.keep_parts:  # every chunk is merged; whatever else is there is a leftover too
+        shutil.rmtree(parts_dir(cfg.out), ignore_errors=True)
     _fill_summary(summary, cfg.out, merged, time.perf_counter() - t0,
                   note=f"{num_chunks} chunks: {done_now} written now, {skipped} resumed")
     return summary

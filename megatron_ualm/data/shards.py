@@ -42,6 +42,7 @@ from megatron_ualm.data.shard_reader import (
     FORMAT_VERSION, ShardReader, shard_name, verify_shard,
 )
 from megatron_ualm.fileutil import sha256_file, write_atomic
+from megatron_ualm.procutil import die_with_parent
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "BuildResult", "ShardReader", "build_shards",
            "sample_key", "verify_shard"]
@@ -251,7 +252,7 @@ def _ordered_results(tasks: Iterable, num_workers: int, audio_format: str) -> It
             yield from _process_chunk((c, audio_format))
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(num_workers) as pool:
+    with ctx.Pool(num_workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         pending: deque = deque()
         window = 4 * num_workers  # chunks in flight: keeps workers busy, bounds memory
         for c in chunks():

@@ -27,6 +27,8 @@ import os
 import re
 from typing import Callable, Optional
 
+from megatron_ualm.errors import UserError
+from megatron_ualm.fileutil import read_json
 from megatron_ualm.inference.engine import Engine
 from megatron_ualm.inference.outputs import describe
 from megatron_ualm.inference.prompts import RequestError, build_prompt, infer_task
@@ -37,11 +39,18 @@ logger = logging.getLogger(__name__)
 
 def read_requests(path: str) -> list[dict]:
     """A JSONL manifest (or a JSON list) of request objects. A line that is not a JSON
-    object becomes {"_invalid": reason} so it still gets an error record."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    object becomes {"_invalid": reason} so it still gets an error record; a file that cannot
+    be read (or a malformed JSON list) raises UserError."""
+    fix = "pass a JSONL file (or a JSON list) of requests, see megatron_ualm/inference/prompts.py"
+    if not os.path.isfile(path):
+        raise UserError(f"--requests: {path}: no such file; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--requests: {path}: cannot be read ({e}); {fix}") from None
     if text.lstrip().startswith("["):
-        records = json.loads(text)
+        records = read_json(path, fix)
         return [r if isinstance(r, dict) else {"_invalid": "not a JSON object"} for r in records]
     records = []
     for n, line in enumerate(text.splitlines(), 1):

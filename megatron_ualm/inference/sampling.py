@@ -7,11 +7,14 @@ batch, on the batch size or on the number of ranks.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from megatron_ualm.config_loader import ConfigError
 
 NEG_INF = float("-inf")
 
@@ -41,19 +44,18 @@ class GenerationSettings:
     batch_size: int = 16              # requests per engine batch (the CLI groups requests)
 
     def __post_init__(self):
-        for name in ("text_temperature", "audio_temperature"):
+        """Raise ConfigError (a ValueError) naming the first setting out of range."""
+        for name in ("text_temperature", "audio_temperature", "text_top_k", "audio_top_k"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("text_top_p", "audio_top_p"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("text_top_k", "audio_top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be in (0, 1], got {getattr(self, name)}")
         if self.guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
-        if self.max_new_rows <= 0 or self.batch_size <= 0 or self.min_audio_frames < 1:
-            raise ValueError("max_new_rows, batch_size must be > 0 and min_audio_frames >= 1")
+            raise ConfigError(f"guidance_scale: must be >= 1 (1: no guidance), got {self.guidance_scale}")
+        for name, low in (("max_new_rows", 1), ("batch_size", 1), ("min_audio_frames", 1), ("frame_rate", 1e-9)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 
     @property
     def max_audio_frames(self) -> int:
@@ -69,9 +71,15 @@ class GenerationSettings:
         types = {f.name: f.type for f in fields(cls)}
         for key, value in overrides.items():
             if key not in types:
-                raise ValueError(f"unknown generation setting {key!r}; known: {sorted(types)}")
+                raise ConfigError(f"{key}: unknown generation setting; known: {', '.join(sorted(types))}")
             kind = {"float": float, "int": int}[str(types[key])]
-            values[key] = kind(value)
+            try:
+                values[key] = kind(value)
+                ok = math.isfinite(values[key]) and not isinstance(value, bool)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{key}: expected {'a number' if kind is float else 'an integer'}, got {value!r}")
         return cls(**values)
 
 

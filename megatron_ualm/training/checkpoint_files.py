@@ -70,6 +70,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from megatron_ualm.errors import UserError
 from megatron_ualm.fileutil import write_atomic
 
 __all__ = [
@@ -100,8 +101,9 @@ _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _TMP_RE = re.compile(r"^iter_\d{7,}\.(tmp|trash)-[0-9a-f]+$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the path and the fix."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be written or read; the message names the path and the fix (the
+    command-line tools print it as one line and exit 2)."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ from megatron_ualm.runtime import init_runtime, shutdown_runtime
 from megatron_ualm.runtime.helper_processes import loader_worker_init
 from megatron_ualm.training import checkpoint as ckpt
 from megatron_ualm.training.metrics import MetricsLogger, format_console, model_flops_per_token, peak_tflops
+from megatron_ualm.training.preflight import require_run_inputs
 from megatron_ualm.training.providers import (build_datasets, build_model, build_optimizer, data_parallel_info,
                                               is_logging_rank, unwrap)
 from megatron_ualm.training.signals import PreemptionHandler
@@ -253,6 +254,7 @@ def pretrain(cfg) -> ckpt.TrainState:
                            p.context_parallel, seed=cfg.training.seed,
                            device=None if p.device == "auto" else p.device)
     try:
+        require_run_inputs(cfg)  # every path the config names, before anything is built
         with contextlib.ExitStack() as closing:
             return _pretrain(cfg, runtime, closing)
     finally:
@@ -270,6 +272,7 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     metrics = MetricsLogger(os.path.join(exp, "logs"), enabled=logger_rank,
                             tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project)
 
+    log.info("building the model")
     chunks, tconfig = build_model(cfg, runtime)
     optimizer, scheduler = build_optimizer(cfg, chunks, tconfig)
     state = ckpt.TrainState()

@@ -15,6 +15,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron_ualm.config import ConfigError
 from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.loader import PackedRows, RowSettings
 from megatron_ualm.formats.templates import TASKS
@@ -43,7 +44,7 @@ def freeze(model, patterns) -> list[str]:
             frozen.append(name)
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n, _ in model.named_parameters()):
-            raise ValueError(f"training.freeze: pattern {p!r} matches no parameter; names look like "
+            raise ConfigError(f"training.freeze: pattern {p!r} matches no parameter; names look like "
                              f"{next(iter(dict(model.named_parameters())))!r}")
     return frozen
 
