@@ -297,7 +297,7 @@ def test_hf_export_refuses_a_config_inconsistent_with_the_tensors(saved, tmp_pat
         convert_megatron_to_hf(str(path), str(tmp_path / "a"), show_progress=False)
     assert str(info.value) == expected
     assert _export_cli()(["--checkpoint", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"megatron_to_hf: refused: {expected}"]
+    assert capsys.readouterr().err.splitlines() == [f"error: {expected}"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # the consistent checkpoint of the same model exports
     assert _export_cli()(["--checkpoint", str(saved["with_config"]), "--out", str(tmp_path / "c"),
