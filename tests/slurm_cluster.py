@@ -146,6 +146,15 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             fields[key] = value
         return fields
 
+    def wait_idle(self, timeout: float) -> None:
+        """Until the node has no job (or a completing one) on it."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle":
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the node is not idle after {timeout} s: {self.run('sinfo', check=False).stdout}")
+
     def wait(self, job_id: int, predicate, timeout: float, what: str) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:

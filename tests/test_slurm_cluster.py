@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,12 @@ def test_preempted_job_saves_requeues_resumes_and_matches(slurm, config_file, re
     assert preempted_at >= SIGNAL_AFTER and "checkpoint saved on preemption" in job_log(exp), job_log(exp)
     assert not list((exp / "checkpoints").glob("*.tmp*"))
     assert (exp / "slurm-logs" / f".requeue-{job}-0").exists()
-    # A requeued job waits for its begin time (about two minutes); start it now.
-    if info.get("JobState") == "PENDING":
+    # A requeued job waits for its begin time (about two minutes, while slurmd revokes the old
+    # run's credential); start it sooner, but only once the node is idle again and a few seconds
+    # have passed: a start in the second of the revocation is refused ("credential revoked").
+    slurm.wait_idle(60)
+    time.sleep(3)
+    if slurm.job(job).get("JobState") == "PENDING":
         slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     info = slurm.wait(job, lambda i: finished(i) and int(i.get("Restarts", 0)) >= 1, 400,
                       "the requeued job to finish")
