@@ -12,28 +12,14 @@ Kept free of heavy imports: a spawned helper imports this module before anything
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import os
 import signal
-import sys
+
+from megatron_ualm.procutil import die_with_parent
 
 #: The signals a rank answers with "save and exit for requeue".
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux; a no-op
-    elsewhere), and exit at once if ``parent_pid`` already ended before the request."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:  # the parent ended before the request took effect
-        os._exit(1)
 
 
 def shield_helper(parent_pid: int) -> None:

@@ -56,7 +56,8 @@ import torch.distributed as dist
 
 from megatron_ualm.mcore_compat import (inner_distributed_optimizers, load_optimizer_state, prepare_optimizer_for_loading,
                                         start_sharded_save)
-from megatron_ualm.runtime.helper_processes import die_with_parent, shield_helper, start_checkpoint_writer_queue
+from megatron_ualm.procutil import die_with_parent
+from megatron_ualm.runtime.helper_processes import shield_helper, start_checkpoint_writer_queue
 from megatron_ualm.training.checkpoint_files import (  # re-exported: callers import them from here
     COMPLETE_MARKER, CONFIG_FILE, LATEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SHA256_CHUNK_BYTES,
     TRAIN_STATE_FILE, CheckpointError, TrainState, apply_retention, build_manifest,
