@@ -33,7 +33,7 @@ for run in "${RUNS[@]}"; do
   version="$("$VENV/bin/python" -c 'import megatron.core as m; print(m.__version__)' 2>&1 | tail -1)"
   echo "=== megatron-core $version ($run) ==="
   start=$SECONDS
-  "$VENV/bin/python" -m pytest -q "$@"
+  "$VENV/bin/python" -m pytest -q -rs "$@"  # -rs: every skip is listed with its reason
   rc=$?
   summary+=("megatron-core $version ($run): $([[ $rc == 0 ]] && echo passed || echo "FAILED (pytest exit $rc)") in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s")
   [[ $rc == 0 ]] || status=1
