@@ -24,7 +24,7 @@ from megatron_ualm.formats.vocab import UnifiedVocab
 
 __all__ = [
     "ConfigError", "EncoderConfig", "ModelConfig", "DatasetSpec", "DataConfig", "ParallelConfig",
-    "OptimizerConfig", "TrainingConfig", "CheckpointConfig", "PathsConfig", "LoggingConfig",
+    "OptimizerConfig", "TrainingConfig", "SchedulePoint", "CheckpointConfig", "PathsConfig", "LoggingConfig",
     "UALMConfig", "Task", "load_config", "parse_cli", "parse_overrides", "save_config",
     "from_dict", "to_dict", "validate", "tasks",
 ]
@@ -86,6 +86,14 @@ class DatasetSpec:
 
 
 @dataclass
+class SchedulePoint:
+    """A curriculum point: from `iteration` on, these blend weights (one per data.train entry,
+    in its order; 0 leaves a dataset out)."""
+    iteration: int                   # optimizer steps done before these weights apply (first point: 0)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetSpec] = field(default_factory=list)  # the training blend; the trainer needs one
     valid: list[DatasetSpec] = field(default_factory=list)  # empty: no validation
@@ -95,6 +103,12 @@ class DataConfig:
     cfg_dropout_prob: float = 0.05            # chance an audio-generation example loses its condition
     num_workers: int = 2                      # DataLoader worker processes per rank
     seed: int = 1234                          # blending and shuffling seed
+    schedule: list[SchedulePoint] = field(default_factory=list)  # curriculum: blend weights over
+    #                                           iterations, replacing data.train's weights; empty: fixed blend
+    schedule_interpolation: Literal["constant", "linear"] = "constant"  # between schedule points
+    pack_window: int = 1000                   # examples blended and packed together; with a schedule
+    #                                           the weights change at window boundaries, so a smaller
+    #                                           window follows the schedule more closely, a larger packs tighter
 
 
 @dataclass
@@ -236,7 +250,7 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
                    "num_query_groups", "kv_channels", "max_position_embeddings", "text_vocab_size",
                    "num_codebooks", "codebook_size", "rotary_base", "norm_epsilon", "init_method_std")),
         ("model.encoder", ("window_seconds",)),
-        ("data", ("seq_length",)),
+        ("data", ("seq_length", "pack_window")),
         ("parallel", ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel",
                       "context_parallel")),
         ("optimizer", ("lr", "adam_eps")),
@@ -276,6 +290,7 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
         for i, spec in enumerate(getattr(d, split)):
             if spec.weight <= 0:
                 raise ConfigError(f"data.{split}[{i}].weight: must be > 0, got {spec.weight}")
+    _validate_schedule(d)
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr: must be <= optimizer.lr={o.lr}, got {o.min_lr}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -321,6 +336,22 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"training.global_batch_size: must be a multiple of micro_batch_size * "
                               f"data_parallel = {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp}, "
                               f"got {t.global_batch_size}")
+
+
+def _validate_schedule(d: DataConfig) -> None:
+    previous = None
+    for i, point in enumerate(d.schedule):
+        key = f"data.schedule[{i}]"
+        if previous is None and point.iteration != 0:
+            raise ConfigError(f"{key}.iteration: the first point must be at iteration 0, got {point.iteration}")
+        if previous is not None and point.iteration <= previous:
+            raise ConfigError(f"{key}.iteration: must be > the previous point's {previous}, got {point.iteration}")
+        previous = point.iteration
+        if len(point.weights) != len(d.train):
+            raise ConfigError(f"{key}.weights: needs one weight per data.train entry ({len(d.train)}), "
+                              f"got {len(point.weights)}")
+        if any(not (w >= 0 and w < float("inf")) for w in point.weights) or not any(w > 0 for w in point.weights):
+            raise ConfigError(f"{key}.weights: must be finite and >= 0 with at least one > 0, got {point.weights}")
 
 
 def _section(cfg: UALMConfig, dotted: str):

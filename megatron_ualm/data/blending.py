@@ -13,8 +13,18 @@ by binary search without generating what comes before it. Weights are turned int
 
 Within a dataset, epoch e visits its documents in a permutation seeded by (seed, d, e), so
 the stream is a pure function of (sizes, weights, seed): identical across restarts.
+
+A curriculum (``BlendSchedule``) changes the weights over training. The loader then blends
+each packing window on its own, with the weights of the iteration its first row belongs to:
+inside the window the interleaving above holds (every stretch of n examples within one of
+n * w_d), and per-dataset counters carry on from window to window, so each dataset is still
+read epoch after epoch without skipping or repeating a document.
 """
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -126,3 +136,47 @@ def blended_samples(sizes, weights, num_samples: int, seed: int, start: int = 0)
         raise ValueError(f"{len(list(sizes))} datasets but {len(list(weights))} weights")
     owners, samples = blend_slice(weights, start, start + num_samples)
     return owners, DocumentOrder(sizes, seed).documents(owners, samples)
+
+
+@dataclass(frozen=True)
+class BlendSchedule:
+    """Blend weights over training iterations (``data.schedule``).
+
+    ``iterations`` increase from 0; ``weights[i]`` (one per dataset, >= 0, some > 0) hold from
+    ``iterations[i]``. ``interpolation`` "constant": they hold until the next point;
+    "linear": they move linearly to the next point's weights. After the last point its weights
+    hold. ``rows_per_iteration`` (the global batch) turns a training row into its iteration.
+    """
+    iterations: tuple[int, ...]
+    weights: tuple[tuple[float, ...], ...]
+    interpolation: str = "constant"
+    rows_per_iteration: int = 1
+
+    def weights_at_iteration(self, iteration: int) -> np.ndarray:
+        i = bisect.bisect_right(self.iterations, iteration) - 1
+        if i < 0:
+            raise ValueError(f"data.schedule starts at iteration {self.iterations[0]}, not 0")
+        w = np.asarray(self.weights[i], dtype=np.float64)
+        if self.interpolation == "linear" and i + 1 < len(self.iterations):
+            a, b = self.iterations[i], self.iterations[i + 1]
+            w = w + (np.asarray(self.weights[i + 1], dtype=np.float64) - w) * ((iteration - a) / (b - a))
+        return w
+
+    def weights_at_row(self, row: int) -> np.ndarray:
+        return self.weights_at_iteration(row // self.rows_per_iteration)
+
+
+def window_blend(weights: Sequence[float], counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One packing window of a scheduled blend: ``size`` examples interleaved by ``weights``
+    (datasets of weight 0 sit out), continuing each dataset at ``counts[d]`` samples already
+    read. Returns (dataset index, sample index j, counts after the window)."""
+    w = np.asarray(weights, dtype=np.float64)
+    active = np.flatnonzero(w > 0)
+    if len(active) == 0:
+        raise ValueError(f"blend weights {list(weights)} have no positive entry")
+    local_owner, local_j = blend_slice(w[active], 0, size)
+    owners = active[local_owner]
+    samples = np.asarray(counts, dtype=np.int64)[owners] + local_j
+    after = np.asarray(counts, dtype=np.int64).copy()
+    after[active] += np.bincount(local_owner, minlength=len(active))
+    return owners, samples, after

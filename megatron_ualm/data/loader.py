@@ -26,7 +26,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from megatron_ualm.data.blending import DocumentOrder, blend_slice
+from megatron_ualm.data.blending import BlendSchedule, DocumentOrder, blend_slice, window_blend
 from megatron_ualm.data.packing import PackingStats, pack
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
@@ -65,6 +65,10 @@ class PackedRows(torch.utils.data.Dataset):
 
     ``num_rows`` is the length the sampler sees (train_iters * global batch; 0 for
     validation means all). ``tasks[d]`` is the task id logged for dataset d.
+
+    With a ``schedule`` (curriculum), window w is blended with the weights of the iteration of
+    its first row and continues each dataset where window w - 1 left it; the anchor then also
+    carries those per-dataset counts.
     """
 
     CACHED_WINDOWS = 8
@@ -72,11 +76,11 @@ class PackedRows(torch.utils.data.Dataset):
 
     def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float], tasks: Sequence[int],
                  vocab: UnifiedVocab, settings: RowSettings, num_rows: int, blend: bool = True,
-                 anchor: tuple[int, int] = (0, 0)):
+                 anchor: tuple[int, ...] = (0, 0), schedule: BlendSchedule | None = None):
         if not sources:
             raise ValueError("no datasets to read: data.train is empty")
         self.sources, self.tasks, self.vocab, self.settings = list(sources), list(tasks), vocab, settings
-        self.weights, self.blend = list(weights), blend
+        self.weights, self.blend, self.schedule = list(weights), blend, schedule
         # Training positions per document (rows - 1); read from the index when the source can.
         self._lengths = [np.asarray(s.rows(), dtype=np.int64) - 1 if hasattr(s, "rows")
                          else np.full(len(s), -1, dtype=np.int64) for s in sources]
@@ -85,6 +89,13 @@ class PackedRows(torch.utils.data.Dataset):
             self._order = DocumentOrder([len(src) for src in self.sources], settings.seed)
             self._first_window = int(anchor[0])
             self._starts = [int(anchor[1])]  # first row of windows first_window, first_window + 1, ...
+            if schedule is not None:
+                counts = anchor[2:] if len(anchor) > 2 else [0] * len(sources)
+                if len(counts) != len(sources) or (len(anchor) == 2 and tuple(anchor) != (0, 0)):
+                    raise ValueError(f"anchor {tuple(anchor)} does not fit a scheduled blend of "
+                                     f"{len(sources)} datasets")
+                # samples read from each dataset before windows first_window, first_window + 1, ...
+                self._counts = [np.asarray(counts, dtype=np.int64)]
             self._cache: OrderedDict = OrderedDict()
             self._counted: set = set()
             self.num_rows = num_rows
@@ -121,7 +132,14 @@ class PackedRows(torch.utils.data.Dataset):
             self._cache.move_to_end(w)
             return self._cache[w]
         s = self.settings
-        owners, samples = blend_slice(self.weights, w * s.pack_window, (w + 1) * s.pack_window)
+        if self.schedule is None:
+            owners, samples = blend_slice(self.weights, w * s.pack_window, (w + 1) * s.pack_window)
+        else:
+            i = w - self._first_window  # windows are planned in order, so its start and counts are known
+            weights = self.schedule.weights_at_row(self._starts[i])
+            owners, samples, after = window_blend(weights, self._counts[i], s.pack_window)
+            if len(self._counts) == i + 1:
+                self._counts.append(after)
         docs = self._order.documents(owners, samples)
         plan = pack(self._stream_lengths(owners, docs), s.seq_length, s.overlong, s.pack_window, s.packing)
         rows = [[(int(owners[i]), int(docs[i]), n) for i, n in r] for r in plan.rows]
@@ -161,10 +179,13 @@ class PackedRows(torch.utils.data.Dataset):
         i = bisect.bisect_right(self._starts, row) - 1
         return self._first_window + i, row - self._starts[i]
 
-    def anchor_for(self, row: int) -> tuple[int, int]:
-        """(window, its first row) from which a restart that reads ``row`` next can plan."""
+    def anchor_for(self, row: int) -> tuple[int, ...]:
+        """(window, its first row[, samples read per dataset before it]) from which a restart
+        that reads ``row`` next can plan."""
         w, offset = self.locate(row)
-        return w, row - offset
+        if self.schedule is None:
+            return w, row - offset
+        return (w, row - offset, *(int(c) for c in self._counts[w - self._first_window]))
 
     def row_plan(self, index: int) -> list:
         """The examples of row ``index``: [(dataset, document, positions used)]."""

@@ -243,8 +243,12 @@ def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
 def _data_key(cfg) -> str:
     """What the data plan depends on, to tell whether a saved plan anchor still applies."""
     d = cfg.data
-    return json.dumps([[(s.path, s.task, s.weight) for s in d.train], d.seq_length, d.seed, d.packing,
-                       d.overlong, cfg.model.num_codebooks])
+    key = [[(s.path, s.task, s.weight) for s in d.train], d.seq_length, d.seed, d.packing,
+           d.overlong, cfg.model.num_codebooks]
+    if d.schedule or d.pack_window != DataConfig.pack_window:  # keys of fixed-blend runs saved before these settings stay valid
+        key += [[(p.iteration, p.weights) for p in d.schedule], d.schedule_interpolation, d.pack_window,
+                cfg.training.global_batch_size]
+    return json.dumps(key)
 
 
 def pretrain(cfg) -> ckpt.TrainState:
@@ -301,6 +305,11 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
                                            anchor=tuple(saved) if saved else (0, 0))
     if runtime.is_rank_zero:
         print(f"[ualm] packing, first window of the stream: {train_set.stats.summary()}", flush=True)
+        if cfg.data.schedule:
+            names = [os.path.basename(s.path) for s in cfg.data.train]
+            points = "; ".join(f"from iteration {p.iteration}: " + ", ".join(
+                f"{n} {w:g}" for n, w in zip(names, p.weights)) for p in cfg.data.schedule)
+            print(f"[ualm] blend schedule ({cfg.data.schedule_interpolation}): {points}", flush=True)
     data = closing.enter_context(IterationBatches(train_set, cfg, state.iteration, cfg.data.num_workers,
                                                   pin_memory=runtime.device.type == "cuda"))
 

@@ -17,6 +17,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_ualm.config import ConfigError
 from megatron_ualm.data.indexed import TokenizedDataset
+from megatron_ualm.data.blending import BlendSchedule
 from megatron_ualm.data.loader import PackedRows, RowSettings
 from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.training import fast_optimizer
@@ -120,7 +121,17 @@ def build_optimizer(cfg, chunks, tconfig):
 def row_settings(cfg, seed_offset: int = 0) -> RowSettings:
     d = cfg.data
     return RowSettings(seq_length=d.seq_length, loss_on=cfg.model.loss_on, cfg_dropout_prob=d.cfg_dropout_prob,
-                       seed=d.seed + seed_offset, overlong=d.overlong, packing=d.packing)
+                       seed=d.seed + seed_offset, overlong=d.overlong, packing=d.packing,
+                       pack_window=d.pack_window)
+
+
+def blend_schedule(cfg) -> BlendSchedule | None:
+    """data.schedule as the loader's BlendSchedule; None for a fixed blend."""
+    d = cfg.data
+    if not d.schedule:
+        return None
+    return BlendSchedule(tuple(p.iteration for p in d.schedule), tuple(tuple(p.weights) for p in d.schedule),
+                         d.schedule_interpolation, cfg.training.global_batch_size)
 
 
 def open_sources(specs, vocab):
@@ -130,7 +141,7 @@ def open_sources(specs, vocab):
 def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
     """The blended, packed training rows and one validation set per task.
 
-    anchor: (window, first row) saved with the checkpoint being resumed (``PackedRows.anchor_for``),
+    anchor: (window, first row[, counts]) saved with the checkpoint being resumed (``PackedRows.anchor_for``),
     so planning starts there instead of at the beginning of the run."""
     vocab = padded_vocab(cfg.model, 1)
     if not cfg.data.train:
@@ -138,7 +149,7 @@ def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
                          "(e.g. data.train='[{path: data/tok/tta, task: caption_to_audio, weight: 1}]')")
     train = PackedRows(open_sources(cfg.data.train, vocab), [s.weight for s in cfg.data.train],
                        [TASKS.index(s.task) for s in cfg.data.train], vocab, row_settings(cfg), num_train_rows,
-                       anchor=tuple(anchor))
+                       anchor=tuple(anchor), schedule=blend_schedule(cfg))
     valid = {}
     by_task = {}
     for s in cfg.data.valid:
