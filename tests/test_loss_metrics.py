@@ -37,3 +37,30 @@ def test_masked_sums_equal_indexed_sums():
         assert all(float(got[k]) == 0.0 for k in extra), extra
         assert (not extra) if num_tasks is None else extra == {f"task{t}_{n}" for t in (4, 5)
                                                               for n in ("loss_sum", "count")}
+
+
+def test_packed_flops_count_real_tokens_and_each_documents_attention():
+    import torch
+
+    from megatron_ualm.training.metrics import (
+        attention_flops, batch_flops, dense_flops_per_token, model_flops_per_token, packed_lengths,
+    )
+    shape = dict(num_layers=3, hidden_size=64, ffn_hidden_size=128, num_heads=4, num_query_groups=2,
+                 head_dim=16, vocab_rows=1000)
+    S = 12
+    dense = dense_flops_per_token(**shape)
+    # one row that is a single S-long document: the same as the full-row convention
+    one = torch.zeros(1, S, dtype=torch.int32)
+    tokens, squares = packed_lengths(one)
+    assert (tokens, squares) == (S, S * S)
+    assert batch_flops(dense, 3, 4, 16, tokens, squares) == model_flops_per_token(**shape, seq_length=S) * S
+    # two rows: documents of 5, 4 and 3 tokens, and a document of 2 followed by padding
+    ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0, 0] + [-1] * 10], dtype=torch.int32)
+    tokens, squares = packed_lengths(ids)
+    assert (tokens, squares) == (14, 25 + 16 + 9 + 4)
+    # brute force: every (query, key <= query) pair of a document costs 4 * H forward, 3x with backward
+    pairs = sum(n * n for n in (5, 4, 3, 2))  # n^2 convention (as S^2 for the full row)
+    assert attention_flops(3, 4, 16, squares) == 6 * 3 * 4 * 16 * pairs
+    honest = batch_flops(dense, 3, 4, 16, tokens, squares)
+    assert honest == dense * 14 + 6 * 3 * 64 * pairs
+    assert honest < model_flops_per_token(**shape, seq_length=S) * ids.numel()  # short documents, padding

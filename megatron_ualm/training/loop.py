@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ualm.config import save_config
+from megatron_ualm.config import DataConfig, save_config
 from megatron_ualm.data.loader import collate
 from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.model.batch import host_plan
@@ -36,7 +36,10 @@ from megatron_ualm.model.loss import loss_metrics, loss_sums
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
 from megatron_ualm.runtime.helper_processes import loader_worker_init
 from megatron_ualm.training import checkpoint as ckpt
-from megatron_ualm.training.metrics import MetricsLogger, format_console, model_flops_per_token, peak_tflops
+from megatron_ualm.training.metrics import (
+    MetricsLogger, batch_flops, dense_flops_per_token, format_console, model_flops_per_token, packed_lengths,
+    peak_tflops,
+)
 from megatron_ualm.training.preflight import require_run_inputs
 from megatron_ualm.training.providers import (build_datasets, build_model, build_optimizer, data_parallel_info,
                                               is_logging_rank, unwrap)
@@ -314,9 +317,11 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
                                                   pin_memory=runtime.device.type == "cuda"))
 
     m = cfg.model
-    flops_per_token = model_flops_per_token(
-        m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
-        m.kv_channels or m.hidden_size // m.num_attention_heads, unwrap(chunks[0]).vocab.size, cfg.data.seq_length)
+    shape = (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+             m.head_dim, unwrap(chunks[0]).vocab.size)
+    flops_per_token = model_flops_per_token(*shape, cfg.data.seq_length)  # full rows (older convention)
+    dense_per_token = dense_flops_per_token(*shape)
+    packed = [0, 0]  # this rank's real tokens and sum of squared document lengths since the last log
     peak = peak_tflops(torch.cuda.get_device_name() if runtime.device.type == "cuda" else None)
     tokens_per_iteration = t.global_batch_size * cfg.data.seq_length
     preemption = PreemptionHandler()
@@ -351,6 +356,8 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
     while state.iteration < t.train_iters:
         step_start = time.perf_counter()
         batches, wait = data.next_iteration()
+        for b in batches:
+            packed = [a + n for a, n in zip(packed, packed_lengths(b["document_ids"]))]
         total, grad_norm, status = train_step(cfg, chunks, optimizer, scheduler, batches, runtime.device,
                                               cfg.data.seq_length)
         window_time += time.perf_counter() - step_start
@@ -370,17 +377,26 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
         window_steps += 1
 
         if state.iteration % t.log_interval == 0 or state.iteration == t.train_iters:
+            counted = torch.tensor(packed, dtype=torch.float64, device=runtime.device)
+            dist.all_reduce(counted, group=parallel_state.get_data_parallel_group())  # every DP rank's rows
+            tokens, squares = counted.tolist()
+            packed = [0, 0]
             if total is not None and logger_rank:
                 s = summarise(total)
                 tps = tokens_per_iteration * window_steps / window_time
                 s.update(lr=scheduler.get_lr(optimizer.param_groups[0]),
                          grad_norm=float(grad_norm) if grad_norm is not None else None,
-                         tokens_per_s=tps, tflops=tps * flops_per_token / runtime.world_size / 1e12,
+                         tokens_per_s=tps,
+                         tflops=batch_flops(dense_per_token, m.num_layers, m.num_attention_heads, m.head_dim,
+                                            tokens, squares) / window_time / runtime.world_size / 1e12,
+                         tflops_full_rows=tps * flops_per_token / runtime.world_size / 1e12,
                          data_wait_s=window_wait / window_steps, skipped=state.skipped_iterations)
                 if runtime.device.type == "cuda":  # MFU means nothing on a CPU
                     s["mfu"] = s["tflops"] / peak
+                    s["mfu_full_rows"] = s.pop("tflops_full_rows") / peak
                 else:
                     s.pop("tflops")
+                    s.pop("tflops_full_rows")
                 if runtime.device.type == "cuda":
                     s["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics.log(state.iteration, s)

@@ -1,8 +1,13 @@
 """Training metrics: what a step cost and what it learned, to console, JSONL and TensorBoard.
 
-Model FLOPs per token (the convention of the benchmarks and of our MFU figures):
-    6 * (non-embedding parameters + head parameters) + 6 * L * H * S   (causal attention,
-    H = heads * head_dim, S = sequence length; forward + backward, no recomputation counted)
+Model FLOPs (forward + backward, no recomputation counted; H = heads * head_dim):
+* dense: 6 * (non-embedding parameters + head parameters) per token;
+* causal attention over a document of n tokens: 6 * L * H * n^2 (a query at position p
+  attends p keys: 4 * H * p forward, times 3 with the backward, summed over p).
+The trainer's MFU counts the tokens and documents actually packed in each row (``batch_flops``):
+padding costs nothing and short documents attend over fewer positions, so many short
+documents cannot inflate it. ``model_flops_per_token`` is the older full-row convention (every
+position a token of one S-long document), kept for the benchmarks and logged beside it.
 """
 from __future__ import annotations
 
@@ -16,18 +21,47 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DEFAULT_PEAK_TFLOPS = 989.0
 
 
-def model_flops_per_token(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_heads: int,
-                          num_query_groups: int, head_dim: int, vocab_rows: int, seq_length: int) -> float:
-    """Training FLOPs per token of a Qwen2-style decoder with an untied head of vocab_rows.
-    Non-embedding parameters count QKV (with its bias), the output projection, the SwiGLU MLP
-    and the norms; the benchmarks and the trainer both use this one formula."""
+def dense_flops_per_token(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_heads: int,
+                          num_query_groups: int, head_dim: int, vocab_rows: int) -> float:
+    """Training FLOPs per token of a Qwen2-style decoder with an untied head of vocab_rows,
+    attention scores excluded. Non-embedding parameters count QKV (with its bias), the output
+    projection, the SwiGLU MLP and the norms."""
     qkv_width = (num_heads + 2 * num_query_groups) * head_dim
     attention_params = hidden_size * qkv_width + qkv_width + num_heads * head_dim * hidden_size
     mlp = 3 * hidden_size * ffn_hidden_size
     per_layer = attention_params + mlp + 2 * hidden_size  # + input and pre-MLP norms
     params = num_layers * per_layer + hidden_size + vocab_rows * hidden_size  # + final norm, head
-    attention = 6 * num_layers * num_heads * head_dim * seq_length
-    return 6.0 * params + attention
+    return 6.0 * params
+
+
+def attention_flops(num_layers: int, num_heads: int, head_dim: int, sum_squared_lengths: float) -> float:
+    """Causal attention FLOPs of documents whose lengths squared sum to ``sum_squared_lengths``."""
+    return 6.0 * num_layers * num_heads * head_dim * sum_squared_lengths
+
+
+def model_flops_per_token(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_heads: int,
+                          num_query_groups: int, head_dim: int, vocab_rows: int, seq_length: int) -> float:
+    """Full-row convention: every position a token attending as in one ``seq_length`` document."""
+    dense = dense_flops_per_token(num_layers, hidden_size, ffn_hidden_size, num_heads, num_query_groups,
+                                  head_dim, vocab_rows)
+    return dense + attention_flops(num_layers, num_heads, head_dim, seq_length)
+
+
+def packed_lengths(document_ids) -> tuple[int, int]:
+    """(tokens, sum of squared document lengths) of micro-batch rows ``document_ids`` [B, S]
+    (slot per position, -1 for padding), as the batch contract lays them out."""
+    import torch
+    ids = torch.as_tensor(document_ids).long()
+    offsets = torch.arange(ids.shape[0]).unsqueeze(1) * (ids.shape[1] + 1)
+    real = ids >= 0
+    counts = torch.bincount((ids + offsets)[real])
+    return int(real.sum()), int((counts.double() ** 2).sum())
+
+
+def batch_flops(dense_per_token: float, num_layers: int, num_heads: int, head_dim: int,
+                tokens: float, sum_squared_lengths: float) -> float:
+    """Training FLOPs of what was packed: dense work per real token plus each document's attention."""
+    return dense_per_token * tokens + attention_flops(num_layers, num_heads, head_dim, sum_squared_lengths)
 
 
 def peak_tflops(device_name: str | None) -> float:
