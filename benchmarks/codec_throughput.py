@@ -102,7 +102,7 @@ def main() -> int:
                     q.codebook.embed.normal_()
             codec = C.Codec.__new__(C.Codec)
             codec.path, codec.device, codec.dtype = "random-default", device, C.DTYPES[dtype]
-            codec.allow_tf32 = tf32
+            codec.allow_tf32, codec.cudnn_benchmark = tf32, False
             codec.model = model.to(device, C.DTYPES[dtype])
             cfg = model.config
             codec.info = C.CodecInfo(int(cfg.num_quantizers), int(cfg.codebook_size), int(cfg.hop_length),

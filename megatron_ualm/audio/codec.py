@@ -112,7 +112,7 @@ class Codec:
     """
 
     def __init__(self, path: str | os.PathLike = "tiny", device: str = "cpu", dtype: str = "fp32",
-                 allow_tf32: bool = False):
+                 allow_tf32: bool = False, cudnn_benchmark: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"codec dtype {dtype!r} not in {sorted(DTYPES)}")
         self.path = os.fspath(path)
@@ -127,6 +127,7 @@ class Codec:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.allow_tf32 = allow_tf32
+        self.cudnn_benchmark = cudnn_benchmark
         self.model = model.to(self.device, self.dtype).eval()
         cfg = self.model.config
         if cfg.sample_rate != SAMPLE_RATE:
@@ -156,15 +157,18 @@ class Codec:
 
     @contextlib.contextmanager
     def _precision(self):
-        """fp32 on CUDA without TF32 unless allowed (batch-independent codes)."""
-        if self.device.type != "cuda" or self.allow_tf32 or self.dtype != torch.float32:
+        """fp32 on CUDA without TF32 unless allowed (batch-independent codes); cuDNN's
+        algorithm search only when ``cudnn_benchmark`` is set."""
+        if self.device.type != "cuda":
             yield
             return
+        exact = self.dtype == torch.float32 and not self.allow_tf32
         matmul = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+        if exact:
+            torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
-                                            allow_tf32=False):
+            with torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark, deterministic=False,
+                                            allow_tf32=not exact):
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul
