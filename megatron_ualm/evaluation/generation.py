@@ -15,7 +15,7 @@ others                     none (a note says so)
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats import vocab as V

@@ -89,8 +89,6 @@ def run_evaluation(opts: EvaluateOptions, show_progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from megatron_ualm.data.indexed import TokenizedDataset
-    from megatron_ualm.evaluation import generation as G
-    from megatron_ualm.evaluation.references import build_reference
     from megatron_ualm.evaluation.teacher_forced import FirstDocuments, evaluate_rows
     from megatron_ualm.inference.loading import load_codec_for, load_model, load_tokenizer_for, open_checkpoint
     from megatron_ualm.model.ualm_model import padded_vocab
@@ -156,7 +154,7 @@ def run_evaluation(opts: EvaluateOptions, show_progress: bool = True) -> dict:
                 entry["dropped_overlong"] = rows.stats.dropped_overlong
             if generate:
                 entry["generation"] = _generation_entry(task, sources, vocab, tokenizer, engine, settings,
-                                                        codec, clap, show_progress, G, build_reference)
+                                                        codec, clap, show_progress)
             results[task] = entry
         return {"checkpoint": checkpoint_identity(source), "settings": asdict(opts),
                 "device": str(rt.device), "precision": precision,
@@ -166,9 +164,12 @@ def run_evaluation(opts: EvaluateOptions, show_progress: bool = True) -> dict:
         shutdown_runtime()
 
 
-def _generation_entry(task, sources, vocab, tokenizer, engine, settings, codec, clap, show_progress, G,
-                      build_reference) -> dict:
+def _generation_entry(task, sources, vocab, tokenizer, engine, settings, codec, clap, show_progress) -> dict:
+    """Greedy answers to every example of ``sources`` with a reference, scored."""
     from tqdm import tqdm
+
+    from megatron_ualm.evaluation import generation as G
+    from megatron_ualm.evaluation.references import build_reference
     if task not in G.scored_tasks():
         return {"note": f"no generation score for {task}"}
     if task in G.CLAP_TASKS and clap is None:
