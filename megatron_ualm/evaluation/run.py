@@ -107,7 +107,7 @@ def run_evaluation(opts: EvaluateOptions, show_progress: bool = True) -> dict:
                         "pass --data PATH:TASK (repeatable)")
     vocab = padded_vocab(cfg.model, 1)
     for i, spec in enumerate(specs):
-        require_dataset(f"{key}[{i}] ({spec.path}:{spec.task})", spec, vocab)
+        require_dataset(f"{key}[{i}]", spec, vocab)
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; pass --device cpu")
     by_task: dict = {}
