@@ -57,6 +57,14 @@ def _dataset_problem(key: str, spec, vocab) -> str | None:
     return None
 
 
+def require_dataset(key: str, spec, vocab) -> None:
+    """Raise UserError (one line naming the file) when the dataset ``spec`` cannot be read
+    as ``spec.task`` with ``vocab``."""
+    problem = _dataset_problem(key, spec, vocab)
+    if problem:
+        raise UserError(problem)
+
+
 def _directory_problem(key: str, path: str | None, what: str, needs: tuple[str, ...]) -> str | None:
     """``path`` (when set) must be a directory holding one of the files ``needs``."""
     if path is None:

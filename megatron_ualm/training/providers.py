@@ -155,11 +155,17 @@ def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
     for s in cfg.data.valid:
         by_task.setdefault(s.task, []).append(s)
     for task, specs in by_task.items():
-        settings = row_settings(cfg, seed_offset=1)
-        settings = RowSettings(**{**settings.__dict__, "cfg_dropout_prob": 0.0})
-        valid[task] = PackedRows(open_sources(specs, vocab), [1.0] * len(specs), [TASKS.index(task)] * len(specs),
-                                 vocab, settings, num_rows=0, blend=False)
+        valid[task] = valid_rows(cfg, task, open_sources(specs, vocab), vocab)
     return train, valid
+
+
+def valid_rows(cfg, task: str, sources, vocab) -> PackedRows:
+    """The validation rows of one task: every example of ``sources`` once, packed in order,
+    no CFG dropout (``python -m megatron_ualm.evaluate`` reads the same rows)."""
+    settings = row_settings(cfg, seed_offset=1)
+    settings = RowSettings(**{**settings.__dict__, "cfg_dropout_prob": 0.0})
+    return PackedRows(sources, [1.0] * len(sources), [TASKS.index(task)] * len(sources),
+                      vocab, settings, num_rows=0, blend=False)
 
 
 def data_parallel_info():
