@@ -6,12 +6,13 @@ in the same process, one after the other, A B A B, and report x real time, the s
 equal to the exact reference (fp32, TF32 off, cuDNN's default algorithms) and whether a
 clip's codes in a batch equal its codes alone:
 
-  plain-defaults     model.encode under torch's defaults (cuDNN convolutions may use TF32)
+  plain-tf32         model.encode with TF32 for convolutions and matmuls
+  plain-conv-tf32    model.encode under torch's defaults (TF32 for cuDNN convolutions only)
   plain-exact        model.encode with TF32 off for convolutions and matmuls
   plain-exact-bench  the same with cudnn.benchmark (cuDNN times its fp32 algorithms)
   tool-exact         megatron_ualm's Codec.encode (the data tools' path), fp32 exact
   tool-exact-bench   Codec.encode with cudnn_benchmark=True
-  tool-tf32          Codec.encode with allow_tf32=True
+  tool-tf32          Codec.encode with allow_tf32=True (convolutions and matmuls)
 
 Then a CUDA profile of the exact path: time by kernel family (convolution, GEMM, other).
 
@@ -103,13 +104,23 @@ def main() -> int:
             return out
         return run
 
+    @torch.inference_mode()
+    def plain_defaults():
+        def run():
+            out = []
+            for s in range(0, len(clips), a.batch_size):
+                x = torch.from_numpy(np.stack(clips[s:s + a.batch_size]))[:, None].to(device)
+                out += list(model.encode(x, return_dict=False).to("cpu", torch.int32).numpy())
+            return out
+        return run
+
     def tool(tf32, bench):
         def run():
             codec.allow_tf32, codec.cudnn_benchmark = tf32, bench
             return codec.encode(clips, a.batch_size)
         return run
 
-    variants = {"plain-defaults": plain(torch.backends.cudnn.allow_tf32, False),
+    variants = {"plain-tf32": plain(True, False), "plain-conv-tf32": plain_defaults(),
                 "plain-exact": plain(False, False), "plain-exact-bench": plain(False, True),
                 "tool-exact": tool(False, False), "tool-exact-bench": tool(False, True),
                 "tool-tf32": tool(True, False)}

@@ -157,15 +157,15 @@ class Codec:
 
     @contextlib.contextmanager
     def _precision(self):
-        """fp32 on CUDA without TF32 unless allowed (batch-independent codes); cuDNN's
-        algorithm search only when ``cudnn_benchmark`` is set."""
+        """fp32 on CUDA without TF32 unless allowed (batch-independent codes); with
+        ``allow_tf32`` both convolutions and matmuls use it. cuDNN's algorithm search only when
+        ``cudnn_benchmark`` is set."""
         if self.device.type != "cuda":
             yield
             return
         exact = self.dtype == torch.float32 and not self.allow_tf32
         matmul = torch.backends.cuda.matmul.allow_tf32
-        if exact:
-            torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = not exact  # TF32 when allowed: matmuls too, not only convolutions
         try:
             with torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark, deterministic=False,
                                             allow_tf32=not exact):
