@@ -8,18 +8,20 @@ Accepted directories (``kind`` from ``EncoderConfig``):
   or a thinker alone: ``audio_tower.*``, ``audio_config``).
 * ``whisper``: a Whisper model (``model.encoder.*`` or ``encoder.*``) or a ``WhisperEncoder``
   saved alone; config is a ``WhisperConfig``.
-Without a directory the model's own tiny random encoder is used (tests, demos).
+Without a directory the model's own tiny random encoder is used (``random_init``: tests, demos).
+``write_encoder_dir`` writes the encoder alone in HF layout, one tensor at a time.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from megatron_ualm.convert.errors import ConversionError
-from megatron_ualm.convert.hf_io import HFCheckpoint, read_config
+from megatron_ualm.convert.hf_io import HFCheckpoint, TensorSpec, read_config, write_sharded
 
 
 @dataclass
@@ -109,3 +111,15 @@ def open_encoder(kind: str, path: Optional[str], tiny: Optional[dict] = None,
     return EncoderWeights(config, _width(kind, config), {n: expected[n] for n in names},
                           {n: ckpt.dtype(n) for n in names}, ckpt.get, f"{path} (tensors {prefix or ''}*)",
                           ckpt.close)
+
+
+def write_encoder_dir(directory: str, encoder: EncoderWeights, dtype: Optional[torch.dtype] = None,
+                      max_shard_bytes: int = 1 << 62, on_tensor: Optional[Callable[[str], None]] = None) -> list[str]:
+    """The encoder alone in HF layout (config.json + safetensors, sharded above
+    ``max_shard_bytes``), so ``from_pretrained(directory)`` builds it; one tensor is read and
+    written at a time. Returns the weight files written."""
+    os.makedirs(directory)
+    encoder.config.save_pretrained(directory)
+    specs = [TensorSpec(n, s, dtype or encoder.dtypes[n]) for n, s in encoder.shapes.items()]
+    tensors = ((n, encoder.get(n).to(dtype) if dtype else encoder.get(n)) for n in encoder.shapes)
+    return write_sharded(directory, specs, tensors, max_shard_bytes, on_tensor)
