@@ -160,25 +160,50 @@ def test_only_the_audio_tower_is_read(downloads, tmp_path, monkeypatch):
     assert parts[0].dtypes == {"float32": len(audio)}
 
 
-def test_whisper_encoder_is_extracted(tmp_path, capsys):
+def _make_whisper(directory):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-    torch.manual_seed(3)
     config = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
                            num_mel_bins=128, max_source_positions=1500, max_target_positions=32,
                            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    WhisperForConditionalGeneration(config).save_pretrained(str(tmp_path / "whisper"))
-    source = read_safetensors_dir(str(tmp_path / "whisper"))
-    rc, out, err = _prepare(capsys, "--encoder", str(tmp_path / "whisper"), "--out", str(tmp_path / "p"))
+    WhisperForConditionalGeneration(config).save_pretrained(directory)
+    return "model.encoder.", "whisper-encoder"
+
+
+def _make_audio_flamingo3(directory):
+    """AF-Whisper inside a (tiny) Audio Flamingo 3 model: tensors audio_tower.*."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+    config = AudioFlamingo3Config(
+        audio_config={"model_type": "audioflamingo3_encoder", "hidden_size": 32, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "intermediate_size": 64},
+        text_config={"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 200}, audio_token_id=5)
+    AudioFlamingo3ForConditionalGeneration(config).save_pretrained(directory)
+    return "audio_tower.", "af-whisper-encoder"
+
+
+@pytest.mark.parametrize("make", [_make_whisper, _make_audio_flamingo3], ids=["whisper", "audio_flamingo3"])
+def test_whisper_encoder_is_extracted(tmp_path, capsys, make):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from megatron_ualm.convert.encoder_weights import open_encoder
+    torch.manual_seed(3)
+    prefix, name = make(str(tmp_path / "src"))
+    source = read_safetensors_dir(str(tmp_path / "src"))
+    rc, out, err = _prepare(capsys, "--encoder", str(tmp_path / "src"), "--out", str(tmp_path / "p"))
     assert rc == 0, err
     print(out)
-    assert "model.encoder.kind=whisper" in out
-    enc = WhisperEncoder.from_pretrained(str(tmp_path / "p" / "whisper-encoder"))
-    expected = {k[len("model.encoder."):]: v for k, v in source.items() if k.startswith("model.encoder.")}
-    state = enc.state_dict()
-    assert sorted(read_safetensors_dir(str(tmp_path / "p" / "whisper-encoder"))) == sorted(expected)
+    target = str(tmp_path / "p" / name)
+    assert f"model.encoder.kind=whisper model.encoder.path={target}" in out
+    with open(os.path.join(target, "config.json")) as f:
+        assert json.load(f)["model_type"] == "whisper"
+    expected = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    assert sorted(read_safetensors_dir(target)) == sorted(expected)
+    state = WhisperEncoder.from_pretrained(target).state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
+    for directory in (target, str(tmp_path / "src")):  # hf_to_megatron --encoder whisper reads either
+        weights = open_encoder("whisper", directory)
+        assert weights.width == 32 and torch.equal(weights.get("conv1.weight"), expected["conv1.weight"])
+        weights.close()
 
 
 def test_backbone_size_names_match_the_example_configs():

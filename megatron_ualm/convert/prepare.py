@@ -4,7 +4,8 @@
     pretrained/xcodec-hubert-general/      the X-Codec (transformers ``XcodecModel``; linked or copied)
     pretrained/qwen2.5-omni-audio-encoder/ the Qwen2.5-Omni audio tower alone (extracted from a
                                            full Qwen2.5-Omni / thinker checkpoint, or linked)
-    pretrained/whisper-encoder/            a Whisper encoder alone (extracted from a full Whisper)
+    pretrained/whisper-encoder/            a Whisper encoder alone (extracted from a full Whisper, or
+                                           AF-Whisper from an Audio Flamingo 3 checkpoint)
 
 Nothing is downloaded: every input is a local directory. Each part is checked before
 anything is written (model type and architecture, every tensor the config implies present
@@ -33,7 +34,8 @@ from megatron_ualm.fileutil import read_json
 # (hidden_size, num_hidden_layers) of the Qwen2.5 sizes with an example config
 BACKBONE_SIZES = {(896, 24): "0.5b", (1536, 28): "1.5b", (2048, 36): "3b", (3584, 28): "7b"}
 CODEC_NAME = "xcodec-hubert-general"
-ENCODER_NAMES = {"qwen2_5_omni": "qwen2.5-omni-audio-encoder", "whisper": "whisper-encoder"}
+ENCODER_NAMES = {"qwen2_5_omni": "qwen2.5-omni-audio-encoder", "whisper": "whisper-encoder",
+                 "af_whisper": "af-whisper-encoder"}
 TOKENIZER_FILES = "tokenizer.json (or vocab.json + merges.txt) and tokenizer_config.json"
 _REDO = "download or copy it again"
 
@@ -186,31 +188,34 @@ def _check_tensors(directory: str, expected: dict, found: dict, what: str) -> No
                               f"({len(wrong)} mismatched); config.json does not describe these weights: {_REDO}")
 
 
-def encoder_kind(directory: str) -> tuple[str, bool]:
-    """(encoder kind, whether the tensors must be extracted) of an encoder directory."""
+def encoder_kind(directory: str) -> tuple[str, bool, str]:
+    """(encoder kind, whether the tensors must be extracted, target name) of an encoder directory."""
     config = read_config(directory)
     model_type = config.get("model_type")
     if model_type == "qwen2_5_omni_audio_encoder":
-        return "qwen2_5_omni", False
+        return "qwen2_5_omni", False, ENCODER_NAMES["qwen2_5_omni"]
     if model_type in ("qwen2_5_omni", "qwen2_5_omni_thinker"):
         audio = (config.get("thinker_config") or {}) if model_type == "qwen2_5_omni" else config
         if "audio_config" not in audio:
             raise ConversionError(f"{directory}/config.json: model_type {model_type!r} without "
                                   f"{'thinker_config.' if model_type == 'qwen2_5_omni' else ''}audio_config; "
                                   f"the config is incomplete: {_REDO}")
-        return "qwen2_5_omni", True
+        return "qwen2_5_omni", True, ENCODER_NAMES["qwen2_5_omni"]
+    if model_type in ("audioflamingo3", "audioflamingo3_encoder"):
+        return "whisper", True, ENCODER_NAMES["af_whisper"]  # its config is rewritten as a WhisperConfig
     if model_type == "whisper":
         with _open_checked(directory) as ckpt:
             prefixed = any(n.startswith(("model.encoder.", "encoder.")) for n in ckpt.names)
-        return "whisper", prefixed
+        return "whisper", prefixed, ENCODER_NAMES["whisper"]
     raise ConversionError(f"{directory}/config.json: model_type {model_type!r} is not an audio encoder we use "
                           "(expected a Qwen2.5-Omni model 'qwen2_5_omni' / thinker / 'qwen2_5_omni_audio_encoder', "
-                          "or a Whisper model 'whisper'); pass the right --encoder directory")
+                          "a Whisper model 'whisper', or Audio Flamingo 3 'audioflamingo3' for AF-Whisper); pass the right "
+                          "--encoder directory")
 
 
-def open_checked_encoder(directory: str) -> tuple[str, bool, EncoderWeights, dict[str, int]]:
-    """(kind, extract?, weights, dtype counts) of a valid encoder directory."""
-    kind, extract = encoder_kind(directory)
+def open_checked_encoder(directory: str) -> tuple[str, bool, str, EncoderWeights, dict[str, int]]:
+    """(kind, extract?, target name, weights, dtype counts) of a valid encoder directory."""
+    kind, extract, name = encoder_kind(directory)
     _open_checked(directory).close()  # the index's shards exist
     encoder = open_encoder(kind, directory)
     try:
@@ -218,7 +223,7 @@ def open_checked_encoder(directory: str) -> tuple[str, bool, EncoderWeights, dic
     except ConversionError:
         encoder.close()
         raise
-    return kind, extract, encoder, dtypes
+    return kind, extract, name, encoder, dtypes
 
 
 # --- laying out --------------------------------------------------------------------------------
@@ -271,8 +276,8 @@ def prepare_pretrained(opts: PrepareOptions) -> tuple[Report, list[Part]]:
     encoder = None
     try:
         if opts.encoder:
-            kind, extract, encoder, dtypes = open_checked_encoder(opts.encoder)
-            target = os.path.join(out, ENCODER_NAMES[kind])
+            kind, extract, name, encoder, dtypes = open_checked_encoder(opts.encoder)
+            target = os.path.join(out, name)
             what = f"audio encoder ({kind})"
             if extract:
                 plans.append(("encoder", opts.encoder, target,
@@ -336,7 +341,7 @@ def _report(out: str, parts: list[Part], opts: PrepareOptions) -> Report:
         name = os.path.basename(backbone.target)
         size = name[len("qwen2.5-"):] if name.startswith("qwen2.5-") else None
         config = f"examples/qwen2.5-{size}.yaml" if size in BACKBONE_SIZES.values() else "<your config>.yaml"
-        enc = os.path.join(out, ENCODER_NAMES["whisper" if whisper else "qwen2_5_omni"])
+        enc = encoder.target if encoder is not None else os.path.join(out, ENCODER_NAMES["qwen2_5_omni"])
         report.line("next", f"python checkpoints_convert/hf_to_megatron.py --hf {_shown(backbone.target)} "
                             f"--config {config}{' --encoder whisper' if whisper else ''} --encoder-path {_shown(enc)} "
                             f"--out checkpoints/{name}-init")
