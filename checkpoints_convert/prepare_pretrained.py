@@ -8,8 +8,9 @@
 Any subset of --backbone / --codec / --encoder. The backbone and codec directories are checked
 and their files symlinked (--copy: copied) into pretrained/qwen2.5-<size> and
 pretrained/xcodec-hubert-general; the audio tower of a full Qwen2.5-Omni checkpoint (or the
-encoder of a Whisper model) is extracted tensor by tensor into
-pretrained/qwen2.5-omni-audio-encoder (pretrained/whisper-encoder). Nothing is downloaded.
+encoder of a Whisper / Audio Flamingo 3 model) is extracted tensor by tensor into
+pretrained/qwen2.5-omni-audio-encoder (pretrained/whisper-encoder, pretrained/af-whisper-encoder).
+Nothing is downloaded.
 Exit status 2 with one line on stderr when an input is refused.
 """
 import os
@@ -28,15 +29,15 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", help="local Qwen2.5 directory (base or instruct: config.json, safetensors, tokenizer)")
     p.add_argument("--codec", help="local X-Codec directory in transformers' XcodecModel layout")
-    p.add_argument("--encoder", help="local Qwen2.5-Omni directory (full model, thinker or audio encoder) or "
-                                     "Whisper model directory")
+    p.add_argument("--encoder", help="local Qwen2.5-Omni directory (full model, thinker or audio encoder), "
+                                     "Whisper model, or Audio Flamingo 3 model (AF-Whisper)")
     p.add_argument("--out", default=d.out, help=f"where the parts go (default {d.out})")
     p.add_argument("--name", help="backbone directory name (default qwen2.5-<size> from its config)")
     p.add_argument("--copy", action="store_true", help="copy the backbone/codec files instead of symlinking them")
     p.add_argument("--overwrite", action="store_true", help="replace parts that exist already")
     p.add_argument("--max-shard-gb", type=float, default=d.max_shard_bytes / 2**30,
-                   help="extracted encoder: safetensors shard size in GiB")
-    p.add_argument("--no-progress", action="store_true")
+                   help="extracted encoder: safetensors shard size in GiB (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
     report, _ = prepare_pretrained(PrepareOptions(
         backbone=args.backbone, codec=args.codec, encoder=args.encoder, out=args.out, name=args.name,
