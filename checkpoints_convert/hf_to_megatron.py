@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--codebook-size", type=int, help="C, codes per codebook (model.codebook_size)")
     p.add_argument("--encoder", choices=("qwen2_5_omni", "whisper", "none"), help="model.encoder.kind")
     p.add_argument("--encoder-path", help="local encoder directory: Qwen2.5-Omni model/thinker/audio encoder, "
-                                          "or Whisper; default model.encoder.path (none: random tiny encoder)")
+                                          "or Whisper; default model.encoder.path (a random tiny encoder only with "
+                                          "model.encoder.random_init=true)")
     p.add_argument("--tensor-parallel", type=int, help="pad the vocabulary for this TP size (default "
                                                        "parallel.tensor_parallel)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the HF dtypes)")

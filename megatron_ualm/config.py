@@ -38,10 +38,11 @@ Task = Literal["text_only", "caption_to_audio", "audio_to_caption", "audio_to_co
 class EncoderConfig:
     """The audio encoder for continuous (understanding) inputs."""
     kind: Literal["qwen2_5_omni", "whisper", "none"] = "qwen2_5_omni"  # "none": no audio inputs
-    path: str | None = None          # local HF directory; None = tiny random instance (tests, demo)
+    path: str | None = None          # local HF encoder directory (checkpoints_convert/prepare_pretrained.py)
+    random_init: bool = False        # no pretrained weights: a random instance built from `tiny` (tests, demo); needs path null
     frozen: bool = True              # keep encoder weights fixed; the adapter always trains
     window_seconds: float = 30.0     # seconds of audio per encoder call; longer audio is windowed
-    tiny: dict[str, Any] = field(default_factory=dict)  # HF config overrides for the random instance
+    tiny: dict[str, Any] = field(default_factory=dict)  # HF config overrides for the random_init instance
 
 
 @dataclass
@@ -279,6 +280,10 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"model.num_attention_heads: must divide model.hidden_size={m.hidden_size} "
                           f"when model.kv_channels is null, got {m.num_attention_heads} "
                           f"(allowed: {_divisors(m.hidden_size)})")
+    if m.encoder.random_init and m.encoder.path is not None:
+        raise ConfigError(f"model.encoder.random_init: true builds a random encoder, but model.encoder.path="
+                          f"{m.encoder.path} names pretrained weights; set one of them (random_init=false to use "
+                          "the path, or path=null for a random encoder)")
     if d.seq_length > m.max_position_embeddings:
         raise ConfigError(f"data.seq_length: must be <= model.max_position_embeddings="
                           f"{m.max_position_embeddings}, got {d.seq_length}")

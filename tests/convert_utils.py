@@ -1,12 +1,22 @@
 """Tiny random HF Qwen2 directories and comparisons for the conversion tests."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 from safetensors import safe_open
 
 K, C = 4, 16  # codebooks, codes per codebook of the tiny UALM
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_main(name: str):
+    """``main`` of checkpoints_convert/<name>.py, called in this process."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "checkpoints_convert", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def make_hf_qwen2(directory: str, *, tied: bool, kv_heads: int, seed: int = 0, dtype=torch.float32,
@@ -26,12 +36,14 @@ def make_hf_qwen2(directory: str, *, tied: bool, kv_heads: int, seed: int = 0, d
     return directory
 
 
-def ualm_cfg(encoder: str = "none"):
-    """The run config of the tiny UALM (shapes come from the HF directory)."""
+def ualm_cfg(encoder: str = "none", random_init: bool = True):
+    """The run config of the tiny UALM (shapes come from the HF directory); a real encoder kind
+    gets the random tiny encoder unless ``random_init`` is False (a path is given then)."""
     from megatron_ualm.config import UALMConfig
     cfg = UALMConfig()
     cfg.model.num_codebooks, cfg.model.codebook_size = K, C
     cfg.model.encoder.kind = encoder
+    cfg.model.encoder.random_init = random_init and encoder != "none"
     cfg.model.attention_backend = "sdpa"
     cfg.data.seq_length = 128
     return cfg

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from dist_utils import run_distributed
-from convert_utils import K, assert_hf_roundtrip_exact, make_hf_qwen2, read_safetensors_dir, ualm_cfg
+from convert_utils import (K, assert_hf_roundtrip_exact, make_hf_qwen2, read_safetensors_dir, script_main,
+                           ualm_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def runtime():
 
 def _convert(hf_dir, out, **kw):
     from megatron_ualm.convert import convert_hf_to_megatron
-    cfg = kw.pop("cfg", None) or ualm_cfg(kw.pop("encoder", "none"))
+    cfg = kw.pop("cfg", None) or ualm_cfg(kw.pop("encoder", "none"), random_init="encoder_path" not in kw)
     return convert_hf_to_megatron(str(hf_dir), str(out), cfg, show_progress=False, **kw)
 
 
@@ -226,6 +227,29 @@ def test_refuses_tp_that_does_not_divide_heads(hf_dir, tmp_path):
              _convert, hf_dir, tmp_path / "o", tensor_parallel=4)
 
 
+def test_real_encoder_needs_a_path_or_random_init(hf_dir, tmp_path, capsys):
+    """A real encoder kind without weights is refused (no silent random encoder); the random
+    tiny one only with model.encoder.random_init, never together with a path."""
+    from megatron_ualm.config import ConfigError, load_config, validate
+    err = _refused(r"model\.encoder\.kind=qwen2_5_omni but no encoder weights: set model\.encoder\.path",
+                   _convert, hf_dir, tmp_path / "o", cfg=ualm_cfg("qwen2_5_omni", random_init=False))
+    assert "prepare_pretrained.py" in str(err) and "model.encoder.random_init=true" in str(err)
+    assert not os.path.exists(tmp_path / "o")
+    rc = script_main("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "o"), "--num-codebooks", "4",
+                                 "--codebook-size", "16", "--no-progress", "data.seq_length=128"])
+    line = capsys.readouterr().err
+    assert rc == 2 and len(line.splitlines()) == 1 and "model.encoder.path" in line and "prepare_pretrained" in line
+    _refused(r"--encoder-path .* model\.encoder\.random_init=true", _convert, hf_dir, tmp_path / "o",
+             encoder_path=str(tmp_path), cfg=ualm_cfg("qwen2_5_omni"))
+    cfg = ualm_cfg("qwen2_5_omni")
+    cfg.model.encoder.path = "pretrained/qwen2.5-omni-audio-encoder"
+    with pytest.raises(ConfigError, match=r"model\.encoder\.random_init: true .*path=pretrained"):
+        validate(cfg)
+    _convert(hf_dir, tmp_path / "meg", encoder="qwen2_5_omni")
+    saved = load_config(str(tmp_path / "meg" / "config.yaml")).model.encoder
+    assert saved.random_init and saved.path is None
+
+
 def test_refuses_partial_or_damaged_checkpoint(hf_dir, tmp_path):
     _convert(hf_dir, tmp_path / "meg")
     iter_dir = tmp_path / "meg" / "checkpoints" / "iter_0000000"
@@ -284,25 +308,16 @@ def test_rerun_removes_leftovers_of_killed_conversions(hf_dir, tmp_path):
 
 
 def test_cli_round_trip_and_refusal(hf_dir, tmp_path, capsys):
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def cli(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "checkpoints_convert", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
-
-    rc = cli("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--num-codebooks", "4",
+    rc = script_main("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--num-codebooks", "4",
                                 "--codebook-size", "16", "--encoder", "none", "--no-progress",
                                 "data.seq_length=128"])
     out = capsys.readouterr().out
     assert rc == 0 and "new rows" in out and "padding" in out
-    rc = cli("megatron_to_hf")(["--checkpoint", str(tmp_path / "meg"), "--out", str(tmp_path / "hf2"),
+    rc = script_main("megatron_to_hf")(["--checkpoint", str(tmp_path / "meg"), "--out", str(tmp_path / "hf2"),
                                 "--no-progress"])
     assert rc == 0
     assert_hf_roundtrip_exact(hf_dir, str(tmp_path / "hf2"), tied=False)
-    rc = cli("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--no-progress",
+    rc = script_main("hf_to_megatron")(["--hf", hf_dir, "--out", str(tmp_path / "meg"), "--no-progress",
                                 "data.seq_length=128"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "--overwrite" in err and len(err.splitlines()) == 1

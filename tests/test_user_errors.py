@@ -109,7 +109,7 @@ def test_trainer_missing_dataset_is_reported_before_the_model_is_built(inputs, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mistake", ["dataset_task", "checkpoint_missing", "checkpoint_damaged", "setting",
-                                     "tokenizer", "codec"])
+                                     "tokenizer", "codec", "encoder"])
 def test_trainer_mistakes_are_one_line(inputs, tmp_path, mistake):
     setting, names = {
         "dataset_task": ("data.valid=[{path: %s/tta, task: text_only}]" % inputs["data"],
@@ -119,6 +119,8 @@ def test_trainer_mistakes_are_one_line(inputs, tmp_path, mistake):
         "setting": ("optimizer.lr=fast", ["optimizer.lr", "'fast'"]),
         "tokenizer": (f"paths.tokenizer={tmp_path}/tok", ["paths.tokenizer", f"{tmp_path}/tok"]),
         "codec": (f"paths.codec={inputs['hf']}/model.safetensors", ["paths.codec", "model.safetensors"]),
+        "encoder": ("model.encoder.random_init=false", ["model.encoder.path: null", "prepare_pretrained.py",
+                                                        "model.encoder.random_init=true"]),
     }[mistake]
     proc, _ = _train(inputs, tmp_path, setting)
     assert_one_line_error(proc, *names)

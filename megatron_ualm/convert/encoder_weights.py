@@ -7,19 +7,23 @@ Accepted directories (``kind`` from ``EncoderConfig``):
   ``qwen2_5_omni``: tensors ``thinker.audio_tower.*``, config ``thinker_config.audio_config``;
   or a thinker alone: ``audio_tower.*``, ``audio_config``).
 * ``whisper``: a Whisper model (``model.encoder.*`` or ``encoder.*``) or a ``WhisperEncoder``
-  saved alone; config is a ``WhisperConfig``.
-Without a directory the model's own tiny random encoder is used (tests, demos).
+  saved alone; config is a ``WhisperConfig``. Or AF-Whisper: an Audio Flamingo 3 model
+  (model_type ``audioflamingo3``: tensors ``audio_tower.*``, config ``audio_config``) or its
+  encoder alone (``audioflamingo3_encoder``), its config mapped onto a ``WhisperConfig``.
+Without a directory the model's own tiny random encoder is used (``random_init``: tests, demos).
+``write_encoder_dir`` writes the encoder alone in HF layout, one tensor at a time.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from megatron_ualm.convert.errors import ConversionError
-from megatron_ualm.convert.hf_io import HFCheckpoint, read_config
+from megatron_ualm.convert.hf_io import HFCheckpoint, TensorSpec, read_config, write_sharded
 
 
 @dataclass
@@ -61,6 +65,12 @@ def _locate(kind: str, directory: str) -> tuple[dict, str]:
             return cfg["thinker_config"]["audio_config"], "thinker.audio_tower."
         if model_type == "qwen2_5_omni_thinker" and "audio_config" in cfg:
             return cfg["audio_config"], "audio_tower."
+    elif kind == "whisper" and model_type in ("audioflamingo3", "audioflamingo3_encoder"):
+        audio = cfg.get("audio_config") if model_type == "audioflamingo3" else cfg
+        if not isinstance(audio, dict):
+            raise ConversionError(f"{directory}/config.json: model_type 'audioflamingo3' without audio_config; "
+                                  "the config is incomplete: download or copy it again")
+        return _af_whisper_config(audio), "audio_tower." if model_type == "audioflamingo3" else ""
     elif kind == "whisper" and model_type == "whisper":
         with HFCheckpoint(directory) as ckpt:
             names = ckpt.names
@@ -69,8 +79,24 @@ def _locate(kind: str, directory: str) -> tuple[dict, str]:
                 return cfg, prefix
         return cfg, ""
     raise ConversionError(f"{directory}/config.json: model_type {model_type!r} is not a {kind} audio encoder "
-                          "(expected a Qwen2.5-Omni model/thinker/audio encoder, or a Whisper model, as "
+                          "(expected a Qwen2.5-Omni model/thinker/audio encoder, or a Whisper / Audio Flamingo 3 model, as "
                           "--encoder says); pass the right --encoder or --encoder-path")
+
+
+# AudioFlamingo3EncoderConfig field -> WhisperConfig field (the tensors already have Whisper's names)
+_AF_WHISPER_FIELDS = {"hidden_size": "d_model", "num_hidden_layers": "encoder_layers",
+                      "num_attention_heads": "encoder_attention_heads", "intermediate_size": "encoder_ffn_dim",
+                      "layerdrop": "encoder_layerdrop"}
+_AF_WHISPER_KEPT = ("num_mel_bins", "max_source_positions", "activation_function", "scale_embedding", "dropout",
+                    "attention_dropout", "activation_dropout", "initializer_range")
+
+
+def _af_whisper_config(audio: dict) -> dict:
+    """The WhisperConfig fields of an AF-Whisper (Audio Flamingo 3) encoder config: its
+    weights are a Whisper encoder's (run here as ``WhisperEncoder``, without AF3's pooling)."""
+    out = {new: audio[old] for old, new in _AF_WHISPER_FIELDS.items() if old in audio}
+    out.update({k: audio[k] for k in (*_AF_WHISPER_FIELDS.values(), *_AF_WHISPER_KEPT) if k in audio})
+    return {"model_type": "whisper", **out}
 
 
 def open_encoder(kind: str, path: Optional[str], tiny: Optional[dict] = None,
@@ -109,3 +135,15 @@ def open_encoder(kind: str, path: Optional[str], tiny: Optional[dict] = None,
     return EncoderWeights(config, _width(kind, config), {n: expected[n] for n in names},
                           {n: ckpt.dtype(n) for n in names}, ckpt.get, f"{path} (tensors {prefix or ''}*)",
                           ckpt.close)
+
+
+def write_encoder_dir(directory: str, encoder: EncoderWeights, dtype: Optional[torch.dtype] = None,
+                      max_shard_bytes: int = 1 << 62, on_tensor: Optional[Callable[[str], None]] = None) -> list[str]:
+    """The encoder alone in HF layout (config.json + safetensors, sharded above
+    ``max_shard_bytes``), so ``from_pretrained(directory)`` builds it; one tensor is read and
+    written at a time. Returns the weight files written."""
+    os.makedirs(directory)
+    encoder.config.save_pretrained(directory)
+    specs = [TensorSpec(n, s, dtype or encoder.dtypes[n]) for n, s in encoder.shapes.items()]
+    tensors = ((n, encoder.get(n).to(dtype) if dtype else encoder.get(n)) for n in encoder.shapes)
+    return write_sharded(directory, specs, tensors, max_shard_bytes, on_tensor)

@@ -17,8 +17,9 @@ What is mapped (``layout`` has the names):
   audio + padding), head (special, audio + padding), stream embeddings -- the same draws as
   ``hf_adapter.hf_to_ualm`` -- then cast; row 0 (``<|pad|>``) of the input table is zero.
 * audio adapter: weight normal(0, std) from the same generator (after the stream
-  embeddings), bias zero. Encoder: copied from ``encoder_path`` or, without one, the
-  model's random tiny encoder.
+  embeddings), bias zero. Encoder: copied from ``encoder_path`` (or ``model.encoder.path``);
+  the model's random tiny encoder only with ``model.encoder.random_init`` (tests, demos): a
+  real encoder kind without a path is refused.
 
 The vocabulary is padded to a multiple of 128 * ``tensor_parallel``; the checkpoint loads
 at any TP/PP (megatron reshards on load; the tables allow a different padding).
@@ -36,9 +37,9 @@ from torch import Tensor
 from megatron_ualm.config import ConfigError, UALMConfig, save_config, validate
 from megatron_ualm.convert import ckpt_layout as L
 from megatron_ualm.convert.dist_format import ObjectPiece, TensorPiece, write_dist_checkpoint
-from megatron_ualm.convert.encoder_weights import EncoderWeights, open_encoder
+from megatron_ualm.convert.encoder_weights import EncoderWeights, open_encoder, write_encoder_dir
 from megatron_ualm.convert.errors import ConversionError
-from megatron_ualm.convert.hf_io import HFCheckpoint, TensorSpec, read_config, write_sharded
+from megatron_ualm.convert.hf_io import HFCheckpoint, read_config
 from megatron_ualm.convert.layout import (
     ADAPTER, EMBEDDING, ENCODER_PREFIX, FINAL_NORM, HEAD, STREAMS, extra_state_keys, hf_shapes,
     hf_to_ualm_layer, layer_suffixes, stacked_key, ualm_layer_shapes,
@@ -133,6 +134,20 @@ def _table(special: Tensor, text: Tensor, tail: Tensor, dtype: torch.dtype) -> T
     return torch.cat([special.to(dtype), text.to(dtype), tail.to(dtype)])
 
 
+def _encoder_source(enc_cfg, encoder_path: Optional[str]) -> Optional[str]:
+    """The encoder directory to copy, or None for the random tiny encoder (asked for explicitly)."""
+    if encoder_path is not None and enc_cfg.random_init:
+        raise ConversionError(f"--encoder-path {encoder_path} given but model.encoder.random_init=true asks for a "
+                              "random encoder; drop one of them (model.encoder.random_init=false)")
+    source = encoder_path or enc_cfg.path
+    if source is None and not enc_cfg.random_init:
+        raise ConversionError(f"model.encoder.kind={enc_cfg.kind} but no encoder weights: set model.encoder.path "
+                              "(or --encoder-path) to a local encoder directory (checkpoints_convert/"
+                              "prepare_pretrained.py --encoder lays out pretrained/qwen2.5-omni-audio-encoder), or "
+                              "model.encoder.random_init=true for a random tiny encoder, or --encoder none")
+    return source
+
+
 def _encoder_group(name: str) -> str:
     m = re.match(r"(.*?layers\.\d+)\.", name)
     return "encoder." + (m.group(1) if m else "rest")
@@ -171,9 +186,9 @@ def convert_hf_to_megatron(hf_dir: str, output: str, cfg: Optional[UALMConfig] =
         H, nl = m.hidden_size, m.num_layers
         enc_cfg = m.encoder
         if enc_cfg.kind != "none":
-            encoder = open_encoder(enc_cfg.kind, encoder_path or enc_cfg.path, enc_cfg.tiny,
-                                   enc_cfg.window_seconds, seed)
-            enc_cfg.path = os.path.join(output, ENCODER_DIR) if (encoder_path or enc_cfg.path) else None
+            source = _encoder_source(enc_cfg, encoder_path)
+            encoder = open_encoder(enc_cfg.kind, source, enc_cfg.tiny, enc_cfg.window_seconds, seed)
+            enc_cfg.path = os.path.join(output, ENCODER_DIR) if source else None
         new = new_weights(vocab, H, m.init_method_std, seed, encoder.width if encoder else None)
         text_dtype = dtype or ckpt.dtype("model.embed_tokens.weight")
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
@@ -226,7 +241,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, cfg: Optional[UALMConfig] =
         cfg.paths.backbone = os.path.abspath(hf_dir)
         with atomic_output_dir(output, overwrite) as tmp:
             if encoder is not None and enc_cfg.path is not None:
-                _write_encoder_dir(os.path.join(tmp, ENCODER_DIR), encoder, dtype)
+                write_encoder_dir(os.path.join(tmp, ENCODER_DIR), encoder, dtype)
             iter_dir = os.path.join(tmp, L.CHECKPOINTS, iter_name)
             bar = progress(len(pieces), "hf -> megatron", show_progress)
             write_dist_checkpoint(iter_dir, pieces, objects,
@@ -261,12 +276,3 @@ def convert_hf_to_megatron(hf_dir: str, output: str, cfg: Optional[UALMConfig] =
         report.note(f"dropped {dropped} (tie_word_embeddings=true: HF ignores it too)")
     report.line("output", os.path.join(output, L.CHECKPOINTS, iter_name) + "  (+ config.yaml)")
     return report
-
-
-def _write_encoder_dir(directory: str, encoder: EncoderWeights, dtype: Optional[torch.dtype]) -> None:
-    """The encoder alone in HF layout, so ``from_pretrained(directory)`` builds it."""
-    os.makedirs(directory)
-    encoder.config.save_pretrained(directory)
-    specs = [TensorSpec(n, s, dtype or encoder.dtypes[n]) for n, s in encoder.shapes.items()]
-    tensors = ((n, encoder.get(n).to(dtype) if dtype else encoder.get(n)) for n in encoder.shapes)
-    write_sharded(directory, specs, tensors, max_shard_bytes=1 << 62)

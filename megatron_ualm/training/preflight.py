@@ -124,6 +124,19 @@ def _checkpoint_problem(cfg) -> str | None:
     return None
 
 
+def _random_encoder_problem(cfg) -> str | None:
+    """A run built from scratch (nothing to load or resume) with a real encoder kind but no
+    encoder weights must ask for the random one explicitly."""
+    enc = cfg.model.encoder
+    if enc.path is not None or enc.random_init or cfg.checkpoint.load is not None:
+        return None
+    if cfg.checkpoint.auto_resume and find_latest_checkpoint(checkpoints_dir(cfg.checkpoint.experiment_dir)):
+        return None
+    return (f"model.encoder.path: null with model.encoder.kind={enc.kind} and nothing to load: set it to a "
+            "local encoder directory (checkpoints_convert/prepare_pretrained.py --encoder lays one out), or "
+            "model.encoder.random_init=true for a random tiny encoder (tests, demos)")
+
+
 def check_run_inputs(cfg) -> list[str]:
     """The problems of the files ``cfg`` names, one line each (empty: all usable)."""
     problems = []
@@ -142,6 +155,7 @@ def check_run_inputs(cfg) -> list[str]:
     if cfg.model.encoder.kind != "none":
         problems.append(_directory_problem("model.encoder.path", cfg.model.encoder.path, "HF audio encoder",
                                            ("config.json",)))
+        problems.append(_random_encoder_problem(cfg))
     return [p for p in problems if p]
 
 
