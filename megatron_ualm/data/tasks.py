@@ -49,8 +49,9 @@ MULTI_TURN = "multi_turn"
 BAD_CONVERSATION = "bad_conversation"
 WRONG_KIND = "wrong_kind"
 
-CODEC_TASKS = ("caption_to_audio", "audio_only", "transcription_to_speech")
-WAVE_TASKS = ("audio_to_caption", "audio_to_conversation", "speech_to_transcription")
+CODEC_TASKS = ("caption_to_audio", "audio_only", "transcription_to_speech", "reasoning")
+WAVE_TASKS = ("audio_to_caption", "audio_to_conversation", "speech_to_transcription", "reasoning")
+# reasoning (codes and waveforms, several clips per document) is built by data/reasoning.py
 AUDIO_RECORDS = (GenerationRecord, UnderstandingRecord)
 
 
