@@ -12,7 +12,7 @@ from megatron_ualm.audio.codec import Codec
 from megatron_ualm.audio.frames import num_encoder_frames
 from megatron_ualm.audio.io import load_audio, quantize_pcm16, write_wav
 from megatron_ualm.data import indexed as I
-from megatron_ualm.data.demo import NOTES, make_demo_data, reasoning_example
+from megatron_ualm.data.demo import NOTES, make_demo_data, reasoning_example, write_reasoning_data
 from megatron_ualm.data.manifests import iter_manifest
 from megatron_ualm.data.preprocess import KILL_ENV, PreprocessConfig, run_preprocess
 from megatron_ualm.data.tokenizer import encode_batch, load_tokenizer, train_tiny_tokenizer
@@ -233,3 +233,12 @@ def test_demo_critiques_are_true_of_the_first_clip_and_the_revision_fits():
             heard = critique.split(": ")[1].split(" ")[0]  # "The pitch is too low: C4 (261.63 Hz) ..."
             assert f"too {flaw[6:]}" in critique and first[2] == pytest.approx(NOTES[heard], abs=2)
     assert seen == {"too_short", "too_long", "too_quiet", "too_loud", "pitch_low", "pitch_high", "none"}
+
+
+def test_demo_reasoning_files_are_deterministic(tmp_path):
+    for name in ("a", "b"):
+        write_reasoning_data(str(tmp_path / name), 4, seed=3)
+    names = sorted(os.listdir(tmp_path / "a" / "reasoning"))
+    assert len(names) == 8  # each of the four has a flaw: a first clip and a revision
+    for rel in ["reasoning.jsonl"] + [f"reasoning/{n}" for n in names]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
