@@ -137,7 +137,7 @@ def test_reasoning_jsonl_to_dataset(tmp_path, demo, codec):
 
 def test_bad_reasoning_entries_are_rejected_with_file_line_reason(tmp_path, demo):
     d, tok_dir = demo
-    good = [json.loads(line) for line in open(d.reasoning)][:2]
+    good = [json.loads(line) for line in open(d.reasoning)][2:4]  # clips of 1 s and up to 2.25 s
     for g in good:  # clip paths relative to the new manifest's directory
         for m in g["messages"]:
             if isinstance(m["content"], list):
@@ -169,7 +169,7 @@ def test_bad_reasoning_entries_are_rejected_with_file_line_reason(tmp_path, demo
         (7, "bad_role"), (8, "too_short"), (9, "bad_role")]
     assert all(r["file"] == str(manifest) for r in rejects)
     assert "content[0] has unknown key 'video'" in rejects[2]["message"]
-    summary = _run([str(manifest)], tmp_path / "long", tok_dir, max_seconds=1.6)  # line 10 has a 2 s clip
+    summary = _run([str(manifest)], tmp_path / "long", tok_dir, max_seconds=1.6)  # line 10 has a 2.25 s clip
     rejects = [json.loads(line) for line in open(tmp_path / "long.rejects.jsonl")]
     assert summary.kept == 1 and (rejects[-1]["line"], rejects[-1]["reason"]) == (10, "too_long")
 

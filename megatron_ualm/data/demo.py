@@ -237,7 +237,7 @@ def _flawed(req: SoundRequest, flaw: str) -> tuple[SoundRequest, str]:
         got = SoundRequest(req.kind, req.seconds / 2, req.level, req.note)
         return got, f"The clip is too short: {got.seconds:g} s instead of {req.seconds:g} s. Trying again."
     if flaw == "too_long":
-        got = SoundRequest(req.kind, req.seconds * 2, req.level, req.note)
+        got = SoundRequest(req.kind, req.seconds * 1.5, req.level, req.note)
         return got, f"The clip is too long: {got.seconds:g} s instead of {req.seconds:g} s. Trying again."
     if flaw in ("too_quiet", "too_loud"):
         got = SoundRequest(req.kind, req.seconds, "quiet" if flaw == "too_quiet" else "loud", req.note)
