@@ -12,7 +12,8 @@ from megatron_ualm.audio.codec import Codec
 from megatron_ualm.audio.frames import num_encoder_frames
 from megatron_ualm.audio.io import load_audio, quantize_pcm16, write_wav
 from megatron_ualm.data import indexed as I
-from megatron_ualm.data.demo import NOTES, make_demo_data, reasoning_example, write_reasoning_data
+from megatron_ualm.data.demo import (NOTES, make_demo_data, reasoning_example, reasoning_texts,
+                                     write_reasoning_data)
 from megatron_ualm.data.manifests import iter_manifest
 from megatron_ualm.data.preprocess import KILL_ENV, PreprocessConfig, run_preprocess
 from megatron_ualm.data.tokenizer import encode_batch, load_tokenizer, train_tiny_tokenizer
@@ -79,8 +80,8 @@ def test_interleaved_reasoning_example_row_by_row():
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("rdemo")
     d = make_demo_data(str(root), num_clips=0, num_text=4, speech=False, num_reasoning=7)
-    texts = [p["text"] for line in open(d.reasoning) for m in json.loads(line)["messages"]
-             for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]) if "text" in p]
+    texts = reasoning_texts(d.reasoning)
+    assert len(texts) == 7 * 4  # system, user, plan, critique
     train_tiny_tokenizer(texts * 3, str(root / "tok"), vocab_size=300)
     return d, str(root / "tok")
 

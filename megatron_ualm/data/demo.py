@@ -297,6 +297,17 @@ def write_reasoning_data(out_dir: str, count: int, seed: int = 0) -> str:
     return path
 
 
+def reasoning_texts(path: str) -> list[str]:
+    """Every text part of a reasoning JSONL (e.g. to train the demo's tiny tokenizer on)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            for msg in json.loads(line)["messages"]:
+                parts = msg["content"] if isinstance(msg["content"], list) else [{"text": msg["content"]}]
+                texts += [p["text"] for p in parts if "text" in p]
+    return texts
+
+
 def make_demo_data(out_dir: str, num_clips: int = 200, min_seconds: float = 1.0,
                    max_seconds: float = 3.0, num_text: int = 200, seed: int = 0,
                    speech: bool = True, num_reasoning: int | None = None) -> DemoData:
