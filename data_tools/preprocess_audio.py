@@ -5,6 +5,8 @@
         --tokenizer /models/qwen2.5-1.5b --codec /models/xcodec --out data/tta --device cuda
     torchrun --nproc-per-node 8 data_tools/preprocess_audio.py --task audio_only \\
         --input shards/ --config examples/qwen2.5-1.5b.yaml --out data/cont --device cuda
+    python data_tools/preprocess_audio.py --task reasoning --input reasoning.jsonl \
+        --config examples/qwen2.5-1.5b.yaml --out data/reason --device cuda
 
 Re-running resumes; rank 0 merges. See megatron_ualm/data/preprocess.py.
 """

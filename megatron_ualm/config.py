@@ -31,7 +31,7 @@ __all__ = [
 
 # The example kinds of SPEC section 4; each tokenized dataset holds one of them.
 Task = Literal["text_only", "caption_to_audio", "audio_to_caption", "audio_to_conversation",
-               "audio_only", "transcription_to_speech", "speech_to_transcription"]
+               "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning"]
 
 
 @dataclass

@@ -141,9 +141,12 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     assert (tmp_path / "again.yaml").read_text() == (tmp_path / "ckpt" / "config.yaml").read_text()
 
 
-def test_tasks_are_the_seven_of_the_spec():
+def test_tasks_are_those_of_the_spec():
+    # the seven of section 4, then reasoning (section 9); the order fixes the task ids
     assert tasks() == ("text_only", "caption_to_audio", "audio_to_caption", "audio_to_conversation",
-                       "audio_only", "transcription_to_speech", "speech_to_transcription")
+                       "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning")
+    from megatron_ualm.formats.templates import TASKS
+    assert tasks() == TASKS
 
 
 # --- errors: one line, naming the key and what is allowed -----------------------------------

@@ -6,6 +6,8 @@
     out_dir/etta.jsonl                    text-to-audio: caption + [start_time, end_time) crop
     out_dir/af3.json                      understanding: Audio-Flamingo-3 list, some multi-turn
     out_dir/text.jsonl                    text-only Q&A (arithmetic, facts about the sounds)
+    out_dir/reasoning.jsonl               UALM-Reason conversations: plan, clip, listen, critique,
+    out_dir/reasoning/*.wav               revised clip (16 kHz mono tones and noise bursts)
 
 Every caption and answer is true of its clip by construction (a tone's pitch, a chirp's
 direction, a beep count), so a model can actually learn the mapping. Files deliberately mix
@@ -48,6 +50,8 @@ class DemoData:
     num_clips: int
     num_text: int
     num_speech: int
+    reasoning: str | None = None
+    num_reasoning: int = 0
 
 
 @dataclass
@@ -201,10 +205,114 @@ def _speech_clips(audio_dir: str) -> list[tuple[str, str]]:
     return out
 
 
+# --- reasoning conversations (UALM-Reason) -----------------------------------------------------
+REASONING_FLAWS = ("too_short", "too_long", "too_quiet", "too_loud", "pitch_low", "pitch_high", "none")
+_REASON_NOTES = ("C4", "E4", "G4", "A4", "C5", "E5", "A5")  # an octave away stays in NOTES
+_LEVEL_PEAK = {"loud": 0.6, "quiet": 0.15}
+
+
+@dataclass(frozen=True)
+class SoundRequest:
+    """What a reasoning example asks for, or what one of its clips actually is."""
+    kind: str          # "tone" | "noise"
+    seconds: float
+    level: str         # "loud" | "quiet"
+    note: str | None = None  # tones only
+
+    def caption(self) -> str:
+        what = f"sine tone at {self.note}" if self.kind == "tone" else "burst of white noise"
+        return f"a {self.level} {what}, {self.seconds:g} second{'' if self.seconds == 1 else 's'} long"
+
+    def plan(self) -> str:
+        pitch = (f"a steady pitch at {self.note} ({NOTES[self.note]:g} Hz)" if self.kind == "tone"
+                 else "no clear pitch, a flat noise spectrum")
+        return (f"Plan: {self.kind} with {pitch}, {self.level} (peak {_LEVEL_PEAK[self.level]:g}), "
+                f"{self.seconds:g} s from start to end, no other sounds.")
+
+
+def _flawed(req: SoundRequest, flaw: str) -> tuple[SoundRequest, str]:
+    """(the first attempt, the critique that is true of it relative to ``req``)."""
+    shift = lambda step: _REASON_NOTES[_REASON_NOTES.index(req.note) + step]  # noqa: E731
+    if flaw == "too_short":
+        got = SoundRequest(req.kind, req.seconds / 2, req.level, req.note)
+        return got, f"The clip is too short: {got.seconds:g} s instead of {req.seconds:g} s. Trying again."
+    if flaw == "too_long":
+        got = SoundRequest(req.kind, req.seconds * 1.5, req.level, req.note)
+        return got, f"The clip is too long: {got.seconds:g} s instead of {req.seconds:g} s. Trying again."
+    if flaw in ("too_quiet", "too_loud"):
+        got = SoundRequest(req.kind, req.seconds, "quiet" if flaw == "too_quiet" else "loud", req.note)
+        return got, f"The clip is {flaw.replace('_', ' ')}; the request asks for a {req.level} sound. Trying again."
+    if flaw in ("pitch_low", "pitch_high"):
+        got = SoundRequest(req.kind, req.seconds, req.level, shift(-2 if flaw == "pitch_low" else 2))
+        word = "low" if flaw == "pitch_low" else "high"
+        return got, (f"The pitch is too {word}: {got.note} ({NOTES[got.note]:g} Hz) instead of "
+                     f"{req.note} ({NOTES[req.note]:g} Hz). Trying again.")
+    return req, "The clip matches the request."
+
+
+def _request_sound(req: SoundRequest, rng) -> np.ndarray:
+    """16 kHz mono samples of ``req``."""
+    n = int(round(16000 * req.seconds))
+    if req.kind == "tone":
+        x = np.sin(2 * np.pi * NOTES[req.note] * np.arange(n) / 16000)
+    else:
+        x = rng.uniform(-1, 1, n)
+    return _fade((x / (np.abs(x).max() + 1e-9) * _LEVEL_PEAK[req.level]).astype(np.float32), 16000)
+
+
+def reasoning_example(i: int, seed: int = 0) -> tuple[dict, dict]:
+    """Conversation ``i`` (JSON object, clip paths relative to the demo directory) and the clips
+    it needs: {relative path: 16 kHz samples}."""
+    rng = np.random.default_rng([seed, 2 << 30, i])
+    kind = "tone" if i % 3 else "noise"
+    flaws = REASONING_FLAWS if kind == "tone" else ("too_short", "too_long", "too_quiet", "too_loud", "none")
+    flaw = flaws[(i // 3) % len(flaws)] if kind == "noise" else flaws[i % len(flaws)]
+    note = str(rng.choice(_REASON_NOTES[2:-2])) if kind == "tone" else None
+    req = SoundRequest(kind, float(rng.choice([1.0, 1.5, 2.0])), "quiet" if flaw == "too_loud" else
+                       ("loud" if flaw == "too_quiet" else str(rng.choice(["loud", "quiet"]))), note)
+    first, critique = _flawed(req, flaw)
+    clips = {f"reasoning/r{i:05d}_a.wav": _request_sound(first, rng)}
+    answer = [{"text": req.plan()}, {"audio_out": f"reasoning/r{i:05d}_a.wav"},
+              {"audio_in": f"reasoning/r{i:05d}_a.wav"}, {"text": critique}]
+    if flaw != "none":
+        clips[f"reasoning/r{i:05d}_b.wav"] = _request_sound(req, rng)
+        answer.append({"audio_out": f"reasoning/r{i:05d}_b.wav"})
+    conv = {"id": f"reason-{i:05d}", "flaw": flaw,
+            "messages": [{"role": "system", "content": "Plan, generate, listen, then revise if needed."},
+                         {"role": "user", "content": f"Generate {req.caption()}."},
+                         {"role": "assistant", "content": answer}]}
+    return conv, clips
+
+
+def write_reasoning_data(out_dir: str, count: int, seed: int = 0) -> str:
+    """Write ``count`` reasoning conversations to out_dir/reasoning.jsonl (+ their clips)."""
+    os.makedirs(os.path.join(out_dir, "reasoning"), exist_ok=True)
+    path = os.path.join(out_dir, "reasoning.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(count):
+            conv, clips = reasoning_example(i, seed)
+            for rel, samples in clips.items():
+                write_wav(os.path.join(out_dir, rel), samples, 16000)
+            f.write(json.dumps(conv) + "\n")
+    return path
+
+
+def reasoning_texts(path: str) -> list[str]:
+    """Every text part of a reasoning JSONL (e.g. to train the demo's tiny tokenizer on)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            for msg in json.loads(line)["messages"]:
+                parts = msg["content"] if isinstance(msg["content"], list) else [{"text": msg["content"]}]
+                texts += [p["text"] for p in parts if "text" in p]
+    return texts
+
+
 def make_demo_data(out_dir: str, num_clips: int = 200, min_seconds: float = 1.0,
                    max_seconds: float = 3.0, num_text: int = 200, seed: int = 0,
-                   speech: bool = True) -> DemoData:
-    """Write the demo corpus to ``out_dir`` (see module docstring) and return its paths."""
+                   speech: bool = True, num_reasoning: int | None = None) -> DemoData:
+    """Write the demo corpus to ``out_dir`` (see module docstring) and return its paths.
+    ``num_reasoning`` reasoning conversations (default: num_clips // 2)."""
     if num_clips < 0 or not 0 < min_seconds <= max_seconds:
         raise ValueError(f"need num_clips >= 0 and 0 < min_seconds <= max_seconds, got "
                          f"{num_clips}, {min_seconds}, {max_seconds}")
@@ -255,5 +363,7 @@ def make_demo_data(out_dir: str, num_clips: int = 200, min_seconds: float = 1.0,
     text = _text_examples(np.random.default_rng([seed, 1 << 30]), num_text)
     with open(paths["text.jsonl"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(e) + "\n" for e in text)
+    num_reasoning = num_clips // 2 if num_reasoning is None else num_reasoning
+    reasoning = write_reasoning_data(out_dir, num_reasoning, seed)
     return DemoData(out_dir, paths["etta.jsonl"], paths["af3.json"], paths["text.jsonl"],
-                    num_clips, num_text, len(speech_clips))
+                    num_clips, num_text, len(speech_clips), reasoning, num_reasoning)

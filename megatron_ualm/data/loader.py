@@ -32,6 +32,7 @@ from megatron_ualm.formats import templates as T
 from megatron_ualm.formats.vocab import UnifiedVocab
 
 log = logging.getLogger(__name__)
+_REASONING = T.TASKS.index("reasoning")  # no CFG dropout: the critique refers to the request
 
 
 class DocumentSource(Protocol):
@@ -220,7 +221,7 @@ class PackedRows(torch.utils.data.Dataset):
         at = 0
         for slot, (d, doc, n) in enumerate(self.row_plan(index)):
             ex = T.layout(self.sources[d].segments(doc), self.vocab, s.loss_on)
-            if s.cfg_dropout_prob > 0 and ex.target_audio_rows is not None:
+            if s.cfg_dropout_prob > 0 and ex.target_audio_rows is not None and self.tasks[d] != _REASONING:
                 draw = np.random.default_rng([s.seed, index, slot]).random()
                 if draw < s.cfg_dropout_prob:
                     ex = T.cfg_dropout(ex)

@@ -1,6 +1,6 @@
 """Raw manifests (SPEC section 1) -> small typed records; bad entries -> reject records.
 
-Three kinds are read:
+Four kinds are read:
 
 * text-only JSONL: ``{"input": [{"role": ..., "content": ...}, ...], "output": "..."}``
 * Audio-Flamingo-3 JSON list (a JSONL file of the same objects is accepted too):
@@ -8,6 +8,9 @@ Three kinds are read:
   every turn kept (roles mapped human -> user, gpt -> assistant).
 * ETTA JSONL: ``{"location", "start_time", "end_time", "duration", "caption", "sample_rate"}``;
   the [start_time, end_time) crop is the sample.
+* reasoning JSONL (UALM-Reason): ``{"id", "messages": [{"role", "content": str or [part]}]}``
+  with parts ``{"text"}``, ``{"audio_out": path}`` (assistant only: a generation target) and
+  ``{"audio_in": path}`` (audio heard through the encoder).
 
 Iterators never raise on bad data: a malformed JSON line, a missing field, a wrong type, a
 non-UTF-8 byte or an unreadable file becomes a :class:`Reject` in the stream, at the position
@@ -38,7 +41,12 @@ UNREADABLE_MANIFEST = "unreadable_manifest"
 AF3_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
              "user": "user", "assistant": "assistant"}
 TEXT_ROLES = ("system", "user", "assistant")
-KINDS = ("text", "af3", "etta")
+KINDS = ("text", "af3", "etta", "reasoning")
+# reasoning conversations (UALM-Reason): reasons of their own
+BAD_ROLE = "bad_role"
+UNKNOWN_PART = "unknown_part"
+EMPTY_TEXT = "empty_text"
+PART_KEYS = ("text", "audio_out", "audio_in")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,26 @@ class GenerationRecord:
 
 
 @dataclass(frozen=True)
+class ReasoningRecord:
+    """One reasoning conversation: turns of (role, parts), each part (key, value) with key in
+    PART_KEYS; audio paths are absolute."""
+    kind: ClassVar[str] = "reasoning"
+    file: str
+    line: int
+    id: str
+    turns: tuple  # ((role, ((key, value), ...)), ...)
+
+    def audio_paths(self) -> list[str]:
+        """Distinct audio paths (audio_in and audio_out), in order of first use."""
+        seen: dict[str, None] = {}
+        for _, parts in self.turns:
+            for key, value in parts:
+                if key != "text":
+                    seen.setdefault(value, None)
+        return list(seen)
+
+
+@dataclass(frozen=True)
 class Reject:
     """A manifest entry or clip that was dropped, and why."""
     file: str
@@ -98,7 +126,7 @@ class Reject:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-Record = Union[TextRecord, UnderstandingRecord, GenerationRecord]
+Record = Union[TextRecord, UnderstandingRecord, GenerationRecord, ReasoningRecord]
 
 
 class _Bad(Exception):
@@ -278,6 +306,57 @@ def _parse_etta(path: str, line: int, obj: dict) -> GenerationRecord:
                             None if duration is None else float(duration), caption, sample_rate)
 
 
+def _reasoning_parts(path: str, where: str, role: str, content) -> tuple:
+    if isinstance(content, str):
+        content = [{"text": content}]
+    if not isinstance(content, list) or not content:
+        raise _Bad(WRONG_TYPE, f"{where}.content must be a string or a non-empty list of parts")
+    parts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or len(part) != 1:
+            raise _Bad(UNKNOWN_PART, f"{at} must be an object with exactly one of {PART_KEYS}")
+        (key, value), = part.items()
+        if key not in PART_KEYS:
+            raise _Bad(UNKNOWN_PART, f"{at} has unknown key {key!r}; use one of {PART_KEYS}")
+        if not isinstance(value, str):
+            raise _Bad(WRONG_TYPE, f"{at}.{key} must be a string, got {type(value).__name__}")
+        if key == "text" and not value.strip():
+            raise _Bad(EMPTY_TEXT, f"{at} is an empty text part")
+        if key != "text" and role == "system":
+            raise _Bad(BAD_ROLE, f"{at}: a system turn holds text only, not {key}")
+        if key == "audio_out" and role != "assistant":
+            raise _Bad(BAD_ROLE, f"{at}: audio_out (a generation target) belongs in an assistant turn; "
+                       "use audio_in for audio the model hears")
+        parts.append((key, value if key == "text" else _resolve(path, value)))
+    if role == "assistant" and all(k == "audio_in" for k, _ in parts):
+        raise _Bad(BAD_VALUE, f"{where}: an assistant turn needs a text or audio_out part to learn from")
+    return tuple(parts)
+
+
+def _parse_reasoning(path: str, line: int, obj: dict) -> ReasoningRecord:
+    ident = _get(obj, "id", (str, int), required=False, default=f"line{line}")
+    messages = _get(obj, "messages", list)
+    turns = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _Bad(WRONG_TYPE, f"{where} must be an object with 'role' and 'content'")
+        role = _get(msg, "role", str)
+        if role not in TEXT_ROLES:
+            raise _Bad(BAD_ROLE, f"{where}.role is {role!r}; use one of {TEXT_ROLES}")
+        if role == "system" and i != 0:
+            raise _Bad(BAD_ROLE, f"{where}: a system turn may only come first")
+        if turns and turns[-1][0] == role:
+            raise _Bad(BAD_ROLE, f"{where}: two {role} turns in a row; put both in one turn's parts")
+        if "content" not in msg:
+            raise _Bad(MISSING_FIELD, f"{where}: missing field 'content'")
+        turns.append((role, _reasoning_parts(path, where, role, msg["content"])))
+    if not any(role == "assistant" for role, _ in turns):
+        raise _Bad(BAD_ROLE, "the conversation has no assistant turn")
+    return ReasoningRecord(path, line, str(ident), tuple(turns))
+
+
 def _starts_with_list(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -326,6 +405,11 @@ def iter_etta(path: str | os.PathLike) -> Iterator[GenerationRecord | Reject]:
     return _iter_jsonl_records(path, _parse_etta)
 
 
+def iter_reasoning(path: str | os.PathLike) -> Iterator[ReasoningRecord | Reject]:
+    """Reasoning conversation JSONL -> ReasoningRecord / Reject, in file order."""
+    return _iter_jsonl_records(path, _parse_reasoning)
+
+
 def detect_kind(path: str | os.PathLike) -> str:
     """'af3' for a JSON list or objects with 'conversations', 'etta' for 'location', 'text' for
     'input'. Looks only at the first entry; raises ValueError when it cannot tell."""
@@ -343,16 +427,18 @@ def detect_kind(path: str | os.PathLike) -> str:
                 return "etta"
             if "input" in value and "output" in value:
                 return "text"
+            if "messages" in value:
+                return "reasoning"
         break
     raise ValueError(f"{path}: cannot tell the manifest kind from its first entry; "
-                     "pass the kind explicitly (text, af3 or etta)")
+                     "pass the kind explicitly (text, af3, etta or reasoning)")
 
 
 def iter_manifest(path: str | os.PathLike, kind: str = "auto") -> Iterator[Record | Reject]:
-    """Records of one manifest of ``kind`` ('text', 'af3', 'etta' or 'auto')."""
+    """Records of one manifest of ``kind`` ('text', 'af3', 'etta', 'reasoning' or 'auto')."""
     if kind == "auto":
         kind = detect_kind(path)
-    readers = {"text": iter_text, "af3": iter_af3, "etta": iter_etta}
+    readers = {"text": iter_text, "af3": iter_af3, "etta": iter_etta, "reasoning": iter_reasoning}
     if kind not in readers:
         raise ValueError(f"unknown manifest kind {kind!r}; use one of {KINDS} or 'auto'")
     return readers[kind](path)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from megatron_ualm.audio.io import SAMPLE_RATE, decode_bytes
 from megatron_ualm.data import indexed as I
+from megatron_ualm.data.reasoning import ReasoningBuilder
 from megatron_ualm.data.tasks import (
     CODEC_TASKS, WAVE_TASKS, ExampleBuilder, Item, TaskOptions, record_from_shard_meta,
 )
@@ -58,7 +59,7 @@ class PreprocessConfig:
     out: str                           # output prefix: <out>.bin/.idx/.audio.*/.meta.json
     tokenizer: str                     # local HF tokenizer directory
     codec: str | None = None           # local HF XcodecModel directory, or "tiny"
-    kind: str = "auto"                 # manifest kind: auto, text, af3, etta
+    kind: str = "auto"                 # manifest kind: auto, text, af3, etta, reasoning
     text_vocab_size: int | None = None  # model rows; checked >= tokenizer length when given
     prompt: str | None = None
     prompt_seconds: float = 0.0
@@ -115,9 +116,11 @@ def describe_inputs(inputs: list[str], kind: str, task: str) -> list[Source]:
             raise FileNotFoundError(f"{path}: no such manifest")
         else:
             src = Source(path, detect_kind(path) if kind == "auto" else kind, sha256_file(path))
-        if (task == "text_only") != (src.kind == "text"):
-            need = "a text-only JSONL" if task == "text_only" else "ETTA/AF3 manifests or audio shards"
-            raise ValueError(f"{path}: {src.kind} input cannot feed task {task}; it needs {need}")
+        need = {"text_only": ("text",), "reasoning": ("reasoning",)}.get(task, ("af3", "etta", "shards"))
+        if src.kind not in need:
+            what = {"text": "a text-only JSONL", "reasoning": "a reasoning JSONL ({\"messages\": [...]})"}
+            raise ValueError(f"{path}: {src.kind} input cannot feed task {task}; it needs "
+                             f"{what.get(need[0], 'ETTA/AF3 manifests or audio shards')}")
         sources.append(src)
     return sources
 
@@ -194,7 +197,8 @@ class _Worker:
             from megatron_ualm.audio.codec import Codec
             codec = Codec(cfg.codec, device=cfg.device, dtype=cfg.dtype, allow_tf32=cfg.tf32)
         opts = TaskOptions(cfg.task, cfg.prompt, cfg.prompt_seconds, cfg.max_seconds, cfg.window_seconds)
-        self.builder = ExampleBuilder(opts, self.tokenizer, vocab, codec, cfg.batch_size, cfg.workers)
+        builder = ReasoningBuilder if cfg.task == "reasoning" else ExampleBuilder
+        self.builder = builder(opts, self.tokenizer, vocab, codec, cfg.batch_size, cfg.workers)
 
     def run(self, c: int, items: list[Item]) -> dict:
         return self.finish(self.prepare(c, items))
@@ -460,7 +464,7 @@ def add_arguments(p, text_only: bool = False) -> None:
                         "repeat for several, read in order")
     if not text_only:
         p.add_argument("--task", required=True, choices=[t for t in T.TASKS if t != "text_only"] + ["text_only"])
-        p.add_argument("--kind", choices=("auto", "text", "af3", "etta"), default="auto",
+        p.add_argument("--kind", choices=("auto", "text", "af3", "etta", "reasoning"), default="auto",
                        help="manifest kind of every --input (auto: detect per file)")
         p.add_argument("--codec", help="local HF XcodecModel directory ('tiny': random test codec); "
                                        "default: paths.codec of --config")

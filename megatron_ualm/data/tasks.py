@@ -13,6 +13,7 @@ Which text is used, per task and record kind:
     speech_to_transcription   unless ``prompt`` is given.
     audio_to_conversation     AF3: every turn; ETTA: (prompt, caption) as one exchange
     audio_only                no text; the first ``prompt_seconds`` are context
+    reasoning                 reasoning JSONL: every part of every turn (built by data/reasoning.py)
 
 Audio that is a generation target (caption_to_audio, audio_only, transcription_to_speech)
 is tokenized with the codec; audio that is an understanding input is stored as 16-bit PCM
@@ -49,8 +50,9 @@ MULTI_TURN = "multi_turn"
 BAD_CONVERSATION = "bad_conversation"
 WRONG_KIND = "wrong_kind"
 
-CODEC_TASKS = ("caption_to_audio", "audio_only", "transcription_to_speech")
-WAVE_TASKS = ("audio_to_caption", "audio_to_conversation", "speech_to_transcription")
+CODEC_TASKS = ("caption_to_audio", "audio_only", "transcription_to_speech", "reasoning")
+WAVE_TASKS = ("audio_to_caption", "audio_to_conversation", "speech_to_transcription", "reasoning")
+# reasoning (codes and waveforms, several clips per document) is built by data/reasoning.py
 AUDIO_RECORDS = (GenerationRecord, UnderstandingRecord)
 
 

@@ -8,7 +8,9 @@ Three steps, each a pure function:
    both audio and text becomes two messages of the same role.
 2. ``build_segments`` lays the messages out as SPEC section 4 says,
    ``<|bos|>`` then per message ``<|role|> <|modality|> content END`` with END = ``<|eot|>``
-   when the next message has the same role and ``<|eos|>`` otherwise, and groups the
+   when the next message has the same role and ``<|eos|>`` otherwise (assistant messages are
+   targets from the modality token to END, except an assistant AudioRef -- the model hearing
+   its own clip in ``reasoning`` -- which is context throughout), and groups the
    result into ``Segment`` s: exactly what the data tools store, one IndexedDataset
    sequence per segment, its ``mode`` saying what it holds (see the MODE_* constants).
 3. ``layout`` turns stored segments into an ``Example``: token rows [T, K], target weights
@@ -41,7 +43,7 @@ MODE_NAMES = {MODE_TEXT: "text", MODE_TEXT_TARGET: "text*", MODE_CODEC: "codec",
 TARGET_MODES = (MODE_TEXT_TARGET, MODE_CODEC_TARGET)
 
 TASKS = ("text_only", "caption_to_audio", "audio_to_caption", "audio_to_conversation",
-         "audio_only", "transcription_to_speech", "speech_to_transcription")
+         "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning")
 GENERATION_TASKS = ("caption_to_audio", "audio_only", "transcription_to_speech")
 
 ROLES = ("system", "user", "assistant")
@@ -140,15 +142,15 @@ def build_segments(messages: Sequence[Message], vocab: UnifiedVocab) -> list[Seg
 
     add_text([V.BOS], False)
     for i, msg in enumerate(messages):
-        target = msg.role == "assistant"
+        # An assistant AudioRef (reasoning: the model listens to its own clip) is context that
+        # the inference loop inserts: its header, placeholder rows and END carry no loss.
+        target = msg.role == "assistant" and not isinstance(msg.content, AudioRef)
         nxt = messages[i + 1] if i + 1 < len(messages) else None
         end = V.EOT if (nxt is not None and nxt.role == msg.role) else V.EOS
         add_text([V.ROLE_TOKENS[msg.role]], False)
         add_text([V.MODALITY_TOKENS[msg.modality]], target)
         content = msg.content
         if isinstance(content, AudioRef):
-            if target:
-                raise ValueError("an assistant message cannot hold continuous audio; use codec codes")
             flush()
             segments.append(Segment(MODE_AUDIO_REF, np.asarray(
                 [content.clip_index, content.num_samples, content.num_rows], dtype=np.int64)))
@@ -309,6 +311,30 @@ def audio_to_conversation(audio: AudioRef, conversations: Sequence[tuple[str, st
         value = value.replace(SOUND_MARKER, "").strip()
         if value:
             msgs.append(Message(role, "text", tokenize(value)))
+    return msgs
+
+
+def reasoning(turns: Sequence[tuple[str, Sequence[tuple[str, str]]]], tokenize: Tokenize,
+              codes_of: Callable[[str], np.ndarray], ref_of: Callable[[str], AudioRef],
+              modality: str = "audio") -> list[Message]:
+    """UALM-Reason conversation: ``turns`` holds (role, parts), each part (key, value) with key
+    ``text``, ``audio_out`` (assistant only: codec codes ``codes_of(value)``, a target) or
+    ``audio_in`` (``ref_of(value)``, continuous audio; in an assistant turn the model hears its
+    own clip: context, no loss). Every part is one message of its turn's role, so parts of a
+    turn are joined by ``<|eot|>`` and the turn ends with ``<|eos|>``."""
+    msgs: list[Message] = []
+    for role, parts in turns:
+        for key, value in parts:
+            if key == "text":
+                msgs.append(Message(role, "text", tokenize(value)))
+            elif key == "audio_out":
+                if role != "assistant":
+                    raise ValueError(f"audio_out in a {role} turn; only assistant turns generate audio")
+                msgs.append(Message(role, modality, codes_of(value)))
+            elif key == "audio_in":
+                msgs.append(Message(role, modality, ref_of(value)))
+            else:
+                raise ValueError(f"unknown part {key!r}; use text, audio_out or audio_in")
     return msgs
 
 
