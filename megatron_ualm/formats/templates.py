@@ -140,15 +140,15 @@ def build_segments(messages: Sequence[Message], vocab: UnifiedVocab) -> list[Seg
 
     add_text([V.BOS], False)
     for i, msg in enumerate(messages):
-        target = msg.role == "assistant"
+        # An assistant AudioRef (reasoning: the model listens to its own clip) is context that
+        # the inference loop inserts: its header, placeholder rows and END carry no loss.
+        target = msg.role == "assistant" and not isinstance(msg.content, AudioRef)
         nxt = messages[i + 1] if i + 1 < len(messages) else None
         end = V.EOT if (nxt is not None and nxt.role == msg.role) else V.EOS
         add_text([V.ROLE_TOKENS[msg.role]], False)
         add_text([V.MODALITY_TOKENS[msg.modality]], target)
         content = msg.content
         if isinstance(content, AudioRef):
-            if target:
-                raise ValueError("an assistant message cannot hold continuous audio; use codec codes")
             flush()
             segments.append(Segment(MODE_AUDIO_REF, np.asarray(
                 [content.clip_index, content.num_samples, content.num_rows], dtype=np.int64)))
