@@ -14,6 +14,16 @@ by ``inference.prompts`` from the training templates) in batches of
    stream may take; audio rows use ``g * cond - (g - 1) * uncond`` before masking.
 3. A request stops at ``<|eos|>`` or after its row budget; the batch stops when all have.
 
+Reasoning (``Prompt.reasoning``, SPEC section 9, UALM-Reason): whenever an audio part ends
+with ``<|eot|>``, the clip is decoded by the codec (16 kHz) and appended as the model
+listening to it -- ``<|assistant|> <|audio|>`` (``<|speech|>`` for speech), one placeholder row per encoder frame (the
+encoder front end of understanding prompts fills them), ``<|eot|> <|assistant|>``, the
+layout of ``formats.templates`` for an assistant audio_in message -- in ONE forward call
+that prefills only these rows into the KV cache; decoding then goes on with a modality
+choice. The answer stops at ``<|eos|>``, at the length limits, or when ``max_rounds`` clips
+have been generated (finish_reason "max_rounds"). Reasoning prompts are decoded one at a
+time (their appended rows differ in length and timing), on the graph or full backend.
+
 Guidance runs only when ``guidance_scale != 1`` and some request may produce audio (its
 modality is not forced to text); otherwise the batch is B rows. A request forced to text
 is never guided, so no request's answer depends on what else shares its batch.
@@ -29,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megatron_ualm.audio.frames import HOP_LENGTH, MIN_MEL_FRAMES, num_encoder_frames
 from megatron_ualm.formats import vocab as V
 from megatron_ualm.inference.forward import BACKENDS, SplitForward, default_backend, left_pad_layout
 from megatron_ualm.inference.sampling import NEG_INF, GenerationSettings, select
@@ -46,23 +57,29 @@ class Prompt:
     clips: float32 [samples] 16 kHz waveforms, one per span.
     modality: "text" / "audio" / "speech" forces the first answer segment; None: the model picks.
     seed: seed of this request's sampling generator.
+    reasoning: listen to every generated clip that ends with ``<|eot|>`` (see the module doc).
     """
     rows: np.ndarray
     spans: list = field(default_factory=list)
     clips: list = field(default_factory=list)
     modality: Optional[str] = None
     seed: int = 0
+    reasoning: bool = False
 
 
 @dataclass
 class Generation:
     """The answer to one Prompt. rows: int64 [G, K] every generated row as fed back;
     segments: per answer segment (``state.Segment``); finish_reason: "eos" or "length";
-    timing: seconds of the batch's prefill and decode, its size and number of steps."""
+    timing: seconds of the batch's prefill and decode, its size and number of steps.
+    Reasoning: sequence int64 [S, K] the answer's rows as the model saw them (generated and
+    appended); audio_in [(row in sequence, num_rows)] of the appended placeholder spans."""
     segments: list
     rows: np.ndarray
     finish_reason: str
     timing: dict
+    sequence: Optional[np.ndarray] = None
+    audio_in: list = field(default_factory=list)
 
 
 class Engine:
@@ -119,17 +136,30 @@ class Engine:
         return max(0, min(settings.max_new_rows, self.max_positions - prompt_rows))
 
     # --- public -----------------------------------------------------------------------------
-    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
-        """Answers in prompt order, decoded ``settings.batch_size`` prompts at a time."""
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings, codec=None) -> list[Generation]:
+        """Answers in prompt order, decoded ``settings.batch_size`` prompts at a time
+        (reasoning prompts one at a time; they need ``codec``, an ``audio.codec.Codec``)."""
+        if any(p.reasoning for p in prompts):
+            if codec is None:
+                raise ValueError("reasoning requests need a codec to decode the clips the model listens to")
+            if self.backend == "cached" or self.split_guidance:
+                raise ValueError("reasoning runs on the graph or full backend, without split_guidance")
         out = []
         with _sdpa_attention(self.model):
             for i in range(0, len(prompts), settings.batch_size):
-                out.extend(self._generate_batch(prompts[i:i + settings.batch_size], settings))
+                chunk = prompts[i:i + settings.batch_size]
+                if any(p.reasoning for p in chunk):
+                    for p in chunk:
+                        out.extend(self._generate_batch([p], settings, codec if p.reasoning else None))
+                else:
+                    out.extend(self._generate_batch(chunk, settings))
         return out
 
     # --- one batch --------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
+    def _generate_batch(self, prompts: list[Prompt], settings: GenerationSettings,
+                        codec=None) -> list[Generation]:
+        """codec: given, the one prompt is a reasoning request (see the module doc)."""
         B, K, dev = len(prompts), self.vocab.num_codebooks, self.device
         lengths = [int(p.rows.shape[0]) for p in prompts]
         budgets = [self.max_new_rows(n, settings) for n in lengths]
@@ -137,6 +167,11 @@ class Engine:
             raise ValueError(f"a prompt of {max(lengths)} rows leaves no room under {self.max_positions} positions")
         N = max(lengths)
         L = N + max(budgets)
+        min_frames = settings.min_audio_frames
+        if codec is not None:
+            L = min(self.max_positions, L + settings.max_rounds * self._listen_rows(settings.max_audio_frames, codec))
+            # a clip must give the encoder at least one frame
+            min_frames = max(min_frames, -(-MIN_MEL_FRAMES * HOP_LENGTH // codec.info.hop_length))
         # a request forced to answer in text is never guided (not even a later audio segment),
         # so its answer does not depend on what else shares the batch
         wants = [p.modality != "text" for p in prompts]
@@ -150,8 +185,8 @@ class Engine:
         masked = N != min(lengths)
         audio = self._audio_inputs(prompts, pads)
 
-        states = [RowState(self.vocab, p.modality, budgets[b], settings.min_audio_frames,
-                           settings.max_audio_frames) for b, p in enumerate(prompts)]
+        states = [RowState(self.vocab, p.modality, budgets[b], min_frames,
+                           max(min_frames, settings.max_audio_frames)) for b, p in enumerate(prompts)]
         gens = [torch.Generator(device=dev).manual_seed(int(p.seed)) for p in prompts]
         backend = BACKENDS[self.backend]
         forward = (SplitForward(backend, self.model, R, L) if guided and self.split_guidance
@@ -161,23 +196,69 @@ class Engine:
         logits = forward(tokens, docs, positions, 0, N, audio, masked)
         _sync(dev)
         t1 = time.perf_counter()
-        cur, steps = N, 0
+        cur, steps, listened = N, 0, []
         while True:
             rows = self._choose([s.spec() for s in states], logits, B, guided and wants, settings, gens)
             fed = [states[b].accept(rows[b]) for b in range(B)]
             if guided:
                 fed += [fed[b] if states[b].audio_started else [V.PAD] * K for b in range(B)]
             tokens[:, cur] = torch.tensor(fed, dtype=torch.long, device=dev)
-            cur, steps = cur + 1, steps + 1
+            start, cur, steps = cur, cur + 1, steps + 1
+            audio = None
+            if codec is not None:
+                cur, audio = self._listen(states[0], tokens, cur, L, settings, codec, listened)
             if all(s.done for s in states) or cur == L:
                 break
-            logits = forward(tokens, docs, positions, cur - 1, cur, None, masked)
+            logits = forward(tokens, docs, positions, start, cur, audio, masked)
         _sync(dev)
         t2 = time.perf_counter()
         timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "batch_size": B, "steps": steps,
                   "guided": guided}
-        return [Generation(s.segments, np.asarray(s.rows, dtype=np.int64).reshape(-1, K),
-                           s.finish_reason or "length", dict(timing)) for s in states]
+        answers = [Generation(s.segments, np.asarray(s.rows, dtype=np.int64).reshape(-1, K),
+                              s.finish_reason or "length", dict(timing)) for s in states]
+        if codec is not None:
+            answers[0].sequence = tokens[0, N:cur].cpu().numpy()
+            answers[0].audio_in = [(row - N, n) for row, n in listened]
+        return answers
+
+    # --- reasoning: listening to a generated clip ---------------------------------------------
+    def _listen_rows(self, frames: int, codec) -> int:
+        """Rows appended for a clip of ``frames`` codec frames: header (2), placeholders, END
+        and the next part's ``<|assistant|>``."""
+        window = self.model.model_cfg.encoder.window_seconds
+        return 4 + num_encoder_frames(frames * codec.info.hop_length, window)
+
+    def _listen(self, state: RowState, tokens: Tensor, cur: int, L: int, settings: GenerationSettings,
+                codec, listened: list) -> tuple[int, Optional[dict]]:
+        """After an audio part that ended with ``<|eot|>``: stop at ``max_rounds`` clips, or
+        write the rows of the model listening to the clip at [cur, ...) of every batch row
+        (the unconditional twin has followed the request's rows since its first audio row)
+        and return (new cur, the clip's audio dict at absolute slots). Otherwise (cur, None)."""
+        seg = state.segments[-1] if state.segments else None
+        if (state.done or state.phase != "role" or seg.modality == "text" or seg.end != V.EOT
+                or seg.listened_rows is not None):
+            return cur, None
+        if sum(s.modality != "text" for s in state.segments) >= settings.max_rounds:
+            state.stop("max_rounds")
+            return cur, None
+        from megatron_ualm.inference.outputs import segment_codes  # soundfile only when reasoning
+        codes = segment_codes(seg, self.vocab)
+        wave = np.clip(codec.decode(codes), -1.0, 1.0).astype(np.float32) if codes.shape[1] else np.zeros(0, np.float32)
+        n = num_encoder_frames(len(wave), self.model.model_cfg.encoder.window_seconds)
+        rows = np.zeros((n + 4, self.vocab.num_codebooks), dtype=np.int64)
+        rows[[0, 1, n + 2, n + 3], 0] = [V.ASSISTANT, V.MODALITY_TOKENS[seg.modality], V.EOT, V.ASSISTANT]
+        if n == 0 or cur + len(rows) >= L:
+            state.stop("length")
+            return cur, None
+        tokens[:, cur:cur + len(rows)] = torch.as_tensor(rows, device=tokens.device)
+        R = tokens.shape[0]
+        audio = {"audio_waveforms": torch.from_numpy(wave).to(self.device)[None].expand(R, -1).contiguous(),
+                 "audio_num_samples": torch.full((R,), len(wave), dtype=torch.long, device=self.device),
+                 "audio_rows": torch.tensor([[r, cur + 2, n] for r in range(R)], dtype=torch.long,
+                                            device=self.device)}
+        listened.append((cur + 2, n))
+        state.listened(n, wave, L - cur - len(rows))
+        return cur + len(rows), audio
 
     def _audio_inputs(self, prompts: list[Prompt], pads: list[int]) -> Optional[dict]:
         spans, clips = [], []
