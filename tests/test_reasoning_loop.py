@@ -4,7 +4,8 @@ A test hook forces the structure of the answer (text plan, clip, listen, text cr
 clip, ...: modality and END rows, 3 text tokens per part); every content row is chosen
 greedily by the model. Asserted: the KV-cached loop (appended rows prefilled into the cache)
 equals a reference that re-runs the whole sequence, appended clips and their encoder frames
-included, at every step; a single training forward over the final sequence picks every
+included, at every step; two requests that hear their clips at different steps answer
+batched as they do alone; a single training forward over the final sequence picks every
 content row greedily; the appended rows are exactly the training layout of the same parts
 (``templates.build_segments``); ``max_rounds`` bounds the loop; the clips are written.
 """
@@ -24,7 +25,7 @@ from megatron_ualm.inference import engine as engine_module
 from megatron_ualm.inference.state import MASK_TEXT, RowSpec, RowState
 
 FRAMES = 8          # codec frames per clip: 8 * 320 samples -> 4 encoder rows
-TEXT_TOKENS = 3     # text tokens per text part
+TEXT_TOKENS = (3, 5)  # text tokens per text part of the first / second request
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,24 @@ def decode(ids) -> str:
 
 
 def forced_state(final_end: int, eos_after: int = 0):
-    """A RowState that forces text, audio, text, audio, ... parts, TEXT_TOKENS text tokens
-    and <|eot|> after each part; after clip ``eos_after`` (if > 0) it ends with <|eos|>.
-    The content rows stay the model's greedy choice."""
+    """A RowState that forces text, audio, text, audio, ... parts, TEXT_TOKENS[i % 2] text
+    tokens for the i-th request state made, and <|eot|> after each part; after clip
+    ``eos_after`` (if > 0) it ends with <|eos|>. The content rows stay the model's greedy
+    choice. Two requests of different text lengths hear their clips at different steps, so
+    a batch of them has holes beside the appended rows."""
+    made = []
 
     class Forced(RowState):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.text_tokens = TEXT_TOKENS[len(made) % len(TEXT_TOKENS)]
+            made.append(self)
+
         def spec(self):
             pad_rest = [V.PAD] * (self.K - 1)
             if self.phase == "modality":
                 return RowSpec(None, V.TEXT if len(self.segments) % 2 == 0 else V.AUDIO, pad_rest, False)
-            if self.phase == "text" and len(self.segments[-1].ids) >= TEXT_TOKENS:
+            if self.phase == "text" and len(self.segments[-1].ids) >= self.text_tokens:
                 return RowSpec(None, V.EOT, pad_rest, False)
             if self.phase == "end" and self._end_token is None:
                 clips = sum(s.modality != "text" for s in self.segments)
@@ -120,6 +129,19 @@ def test_cached_loop_equals_full_recompute(setup, monkeypatch, guidance):
     assert not np.array_equal(cached[0].sequence, cached[1].sequence)
 
 
+def test_batched_equals_one_at_a_time(setup, monkeypatch):
+    """Two requests of different prompt and text lengths hear their clips at different
+    steps: batched (masked holes beside the appended rows) each answers as it does alone."""
+    model, codec, _ = setup
+    _, batched = run(model, codec, "graph", monkeypatch, settings(guidance_scale=3.0, batch_size=4))
+    _, alone = run(model, codec, "graph", monkeypatch, settings(guidance_scale=3.0, batch_size=1))
+    assert batched[0].audio_in[0][0] != batched[1].audio_in[0][0]
+    for a, b in zip(batched, alone):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.sequence, b.sequence)
+        assert a.audio_in == b.audio_in and a.finish_reason == b.finish_reason
+
+
 def test_every_content_row_is_the_greedy_pick_of_one_training_forward(setup, monkeypatch):
     """Teacher-forced check: the whole final sequence (prompt, answer, appended clips with
     their encoder frames) through the training forward once; every row the model chose is
@@ -128,7 +150,7 @@ def test_every_content_row_is_the_greedy_pick_of_one_training_forward(setup, mon
     ps, gens = run(model, codec, "graph", monkeypatch, settings())
     e = make_engine(model, "graph")
     vocab, K = model.vocab, model.vocab.num_codebooks
-    for p, g in zip(ps, gens):
+    for p, g, text_tokens in zip(ps, gens, TEXT_TOKENS):
         seq = np.concatenate([p.rows, g.sequence])
         n = len(p.rows)
         heard = [s.waveform for s in clips_of(g) if s.waveform is not None]
@@ -158,7 +180,7 @@ def test_every_content_row_is_the_greedy_pick_of_one_training_forward(setup, mon
                     lg = streams[0, t - 1, k - 1].masked_fill(~e.stream_masks[k - 1], -torch.inf)
                     assert int(lg.argmax()) + e.stream_lo[k - 1] == int(seq[t, k]), (t, k)
                     checked += 1
-        assert checked == 3 * TEXT_TOKENS + 3 * FRAMES * K
+        assert checked == 3 * text_tokens + 3 * FRAMES * K
 
 
 # --- training layout ---------------------------------------------------------------------------

@@ -32,7 +32,9 @@ Buffers, cache and graph are kept per model and reused by later batches of the s
 (R, L rounded up to 128); the weights must stay where they are (in-place updates are fine).
 
 Rows appended later in one call (reasoning: the model listening to its own clip) run
-through the same loop eagerly at their slots, against the cache (``_extend``).
+through the same loop eagerly at their slots, against the cache (``_extend``); with a mask,
+every call first copies its slots' positions and valid flags into the static buffers
+(reasoning leaves masked holes beside appended rows and moves later positions).
 
 Prefill runs the prompt through the same loop eagerly (causal, or the document mask of
 ``model/attention.py`` when left-padded), filling slots [0, N).
@@ -132,6 +134,9 @@ class GraphForward:
         s, self.filled = self.static, end
         if start == 0:
             return self._prefill(tokens, docs, positions, end, audio, masked)
+        if masked:  # reasoning may have moved later positions and left holes (``Engine._place``)
+            s.positions[:, start:end].copy_(positions[:, start:end])
+            s.valid[:, start:end].copy_(docs[:, start:end] != -1)
         if end - start != 1 or audio is not None:
             return self._extend(tokens, docs, positions, start, end, audio, masked)
         s.tokens.copy_(tokens[:, start:end])
@@ -167,7 +172,9 @@ class GraphForward:
         hidden = self.model.embed(tokens[:, start:end], **(audio or {})).transpose(0, 1)  # [R, S, H]
         angles = self.model.rotary(positions[:, start:end]).transpose(0, 1)
         slots = torch.arange(start, end, device=tokens.device)
-        mask = (s.valid[:, None, None, :end] & (s.slots[:end] <= slots[:, None])[None, None])
+        # a hole (docs -1) attends to itself alone: no real row sees it, and it must not be NaN
+        mask = ((s.valid[:, None, None, :end] & (s.slots[:end] <= slots[:, None])[None, None])
+                | (s.slots[:end] == slots[:, None])[None, None])
         hidden = self._layers(hidden, angles, slots, end, mask)
         stream0, streams = self.model.head.logits(hidden.transpose(0, 1), last_only=True)
         return stream0[:, -1], streams[:, -1]
