@@ -16,7 +16,7 @@ by ``inference.prompts`` from the training templates) in batches of
 
 Reasoning (``Prompt.reasoning``, SPEC section 9, UALM-Reason): whenever an audio part ends
 with ``<|eot|>``, the clip is decoded by the codec (16 kHz) and appended as the model
-listening to it -- ``<|assistant|> <|audio|>`` (``<|speech|>`` for speech), one placeholder row per encoder frame (the
+listening to it -- ``<|assistant|> <|audio|>``, one placeholder row per encoder frame (the
 encoder front end of understanding prompts fills them), ``<|eot|> <|assistant|>``, the
 layout of ``formats.templates`` for an assistant audio_in message -- in ONE forward call
 that prefills only these rows into the KV cache; decoding then goes on with a modality
@@ -258,7 +258,8 @@ class Engine:
                 else np.zeros(0, np.float32))
         n = num_encoder_frames(len(wave), self.model.model_cfg.encoder.window_seconds)
         rows = np.zeros((n + 4, self.vocab.num_codebooks), dtype=np.int64)
-        rows[[0, 1, n + 2, n + 3], 0] = [V.ASSISTANT, V.MODALITY_TOKENS[seg.modality], V.EOT, V.ASSISTANT]
+        # <|audio|> whatever the clip's modality: the layout of the ``reasoning`` task
+        rows[[0, 1, n + 2, n + 3], 0] = [V.ASSISTANT, V.AUDIO, V.EOT, V.ASSISTANT]
         if n == 0 or last_position() + len(rows) + 1 >= self.max_positions:
             state.stop("length")
             return None
