@@ -11,9 +11,14 @@ HF directory. Requests: JSONL (or a JSON list), one object per request -- format
     {"id": "q1", "prompt": "What is 2 + 2?"}
     {"id": "a1", "audio": "clips/dog.wav", "prompt": "What animal is this?"}
     {"id": "t1", "caption": "a dog barks twice", "settings": {"guidance_scale": 4}}
+    {"id": "r1", "prompt": "Make a calm rain sound.", "mode": "reasoning"}
+
+A reasoning request plans in text, generates a clip, hears it through the audio encoder,
+critiques and regenerates, up to ``max_rounds`` clips; its transcript (text parts and clip
+paths) is printed and stored in its answer record.
 
 Settings (key=value): every ``GenerationSettings`` field (text_temperature, audio_top_k,
-guidance_scale, max_new_rows, max_audio_seconds, seed, batch_size, ...) and
+guidance_scale, max_new_rows, max_audio_seconds, seed, batch_size, max_rounds, ...) and
 tokenizer=DIR, codec=DIR, device=cpu|cuda, precision=fp32|bf16, backend=graph|cached|full
 (default: graph where it applies, see ``Engine``).
 
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
 
     from megatron_ualm.inference.engine import Engine
     from megatron_ualm.inference.loading import load_codec_for, load_model, load_tokenizer_for, open_checkpoint
+    from megatron_ualm.inference.outputs import format_transcript
     from megatron_ualm.inference.runner import merge_rank_files, read_requests, run_requests, write_jsonl
     from megatron_ualm.inference.sampling import GenerationSettings
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
@@ -116,6 +122,9 @@ def main(argv=None) -> int:
                    "load_s": load_s, "generate_s": time.perf_counter() - t1, "settings": settings.to_dict()}
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        for record in merged:
+            if "transcript" in record:
+                print(format_transcript(record), flush=True)
         logging.info("answered %d requests (%d errors) -> %s", len(merged), summary["errors"],
                      os.path.join(args.out, "answers.jsonl"))
         status = 0 if len(merged) == len(records) else 1

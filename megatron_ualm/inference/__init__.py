@@ -4,7 +4,8 @@ Modules, in the order data flows through them:
 
 * ``prompts``  request records -> ``Prompt`` rows built with the training templates
 * ``engine``   ``Engine.generate``: batched (left-padded), KV-cached decoding with
-               classifier-free guidance (cond and uncond in one batch)
+               classifier-free guidance (cond and uncond in one batch); reasoning requests
+               hear each clip they generate (encoder rows appended into the KV cache)
 * ``state``    per-request decoding state: modality choice, per-stream masks, delay corners
 * ``sampling`` ``GenerationSettings``; greedy / temperature / top-k / top-p selection
 * ``forward``  next-row logits: KV-cached (megatron ``StaticInferenceContext``) or full recompute

@@ -14,6 +14,18 @@ by ``inference.prompts`` from the training templates) in batches of
    stream may take; audio rows use ``g * cond - (g - 1) * uncond`` before masking.
 3. A request stops at ``<|eos|>`` or after its row budget; the batch stops when all have.
 
+Reasoning (``Prompt.reasoning``, SPEC section 9, UALM-Reason): whenever an audio part ends
+with ``<|eot|>``, the clip is decoded by the codec (16 kHz) and appended as the model
+listening to it -- ``<|assistant|> <|audio|>``, one placeholder row per encoder frame (the
+encoder front end of understanding prompts fills them), ``<|eot|> <|assistant|>``, the
+layout of ``formats.templates`` for an assistant audio_in message -- in ONE forward call
+that prefills only these rows into the KV cache; decoding then goes on with a modality
+choice. The answer stops at ``<|eos|>``, at the length limits, or when ``max_rounds`` clips
+have been generated (finish_reason "max_rounds"). Reasoning prompts are batched apart from
+the others; the rows a request appends take slots in every row of its batch, where the
+others get masked holes (``_place``), so no answer depends on its batch. Graph or full
+backend only.
+
 Guidance runs only when ``guidance_scale != 1`` and some request may produce audio (its
 modality is not forced to text); otherwise the batch is B rows. A request forced to text
 is never guided, so no request's answer depends on what else shares its batch.
@@ -29,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megatron_ualm.audio.frames import HOP_LENGTH, MIN_MEL_FRAMES, num_encoder_frames
 from megatron_ualm.formats import vocab as V
 from megatron_ualm.inference.forward import BACKENDS, SplitForward, default_backend, left_pad_layout
 from megatron_ualm.inference.sampling import NEG_INF, GenerationSettings, select
@@ -46,23 +59,29 @@ class Prompt:
     clips: float32 [samples] 16 kHz waveforms, one per span.
     modality: "text" / "audio" / "speech" forces the first answer segment; None: the model picks.
     seed: seed of this request's sampling generator.
+    reasoning: listen to every generated clip that ends with ``<|eot|>`` (see the module doc).
     """
     rows: np.ndarray
     spans: list = field(default_factory=list)
     clips: list = field(default_factory=list)
     modality: Optional[str] = None
     seed: int = 0
+    reasoning: bool = False
 
 
 @dataclass
 class Generation:
     """The answer to one Prompt. rows: int64 [G, K] every generated row as fed back;
     segments: per answer segment (``state.Segment``); finish_reason: "eos" or "length";
-    timing: seconds of the batch's prefill and decode, its size and number of steps."""
+    timing: seconds of the batch's prefill and decode, its size and number of steps.
+    Reasoning: sequence int64 [S, K] the answer's rows as the model saw them (generated and
+    appended); audio_in [(row in sequence, num_rows)] of the appended placeholder spans."""
     segments: list
     rows: np.ndarray
     finish_reason: str
     timing: dict
+    sequence: Optional[np.ndarray] = None
+    audio_in: list = field(default_factory=list)
 
 
 class Engine:
@@ -119,17 +138,33 @@ class Engine:
         return max(0, min(settings.max_new_rows, self.max_positions - prompt_rows))
 
     # --- public -----------------------------------------------------------------------------
-    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
-        """Answers in prompt order, decoded ``settings.batch_size`` prompts at a time."""
-        out = []
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings, codec=None) -> list[Generation]:
+        """Answers in prompt order, decoded ``settings.batch_size`` prompts at a time
+        (reasoning prompts batched apart from the others; they need ``codec``, an
+        ``audio.codec.Codec``)."""
+        if any(p.reasoning for p in prompts):
+            if codec is None:
+                raise ValueError("reasoning requests need a codec to decode the clips the model listens to")
+            if self.backend == "cached" or self.split_guidance:
+                raise ValueError("reasoning runs on the graph or full backend, without split_guidance")
+        out: list = [None] * len(prompts)
         with _sdpa_attention(self.model):
             for i in range(0, len(prompts), settings.batch_size):
-                out.extend(self._generate_batch(prompts[i:i + settings.batch_size], settings))
+                idx = range(i, min(i + settings.batch_size, len(prompts)))
+                for reasoning in (False, True):
+                    part = [j for j in idx if prompts[j].reasoning == reasoning]
+                    if part:
+                        gens = self._generate_batch([prompts[j] for j in part], settings,
+                                                    codec if reasoning else None)
+                        for j, g in zip(part, gens):
+                            out[j] = g
         return out
 
     # --- one batch --------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation]:
+    def _generate_batch(self, prompts: list[Prompt], settings: GenerationSettings,
+                        codec=None) -> list[Generation]:
+        """codec: given, every prompt is a reasoning request (see the module doc)."""
         B, K, dev = len(prompts), self.vocab.num_codebooks, self.device
         lengths = [int(p.rows.shape[0]) for p in prompts]
         budgets = [self.max_new_rows(n, settings) for n in lengths]
@@ -137,6 +172,12 @@ class Engine:
             raise ValueError(f"a prompt of {max(lengths)} rows leaves no room under {self.max_positions} positions")
         N = max(lengths)
         L = N + max(budgets)
+        min_frames = settings.min_audio_frames
+        if codec is not None:
+            # every listening of any request takes slots in every row of the batch
+            L += B * settings.max_rounds * self._listen_rows(settings.max_audio_frames, codec)
+            # a clip must give the encoder at least one frame
+            min_frames = max(min_frames, -(-MIN_MEL_FRAMES * HOP_LENGTH // codec.info.hop_length))
         # a request forced to answer in text is never guided (not even a later audio segment),
         # so its answer does not depend on what else shares the batch
         wants = [p.modality != "text" for p in prompts]
@@ -147,11 +188,11 @@ class Engine:
         tokens = torch.zeros(R, L, K, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             tokens[b, pads[b]:N] = torch.as_tensor(p.rows, dtype=torch.long, device=dev)
-        masked = N != min(lengths)
+        masked = N != min(lengths) or codec is not None  # reasoning: holes beside appended rows
         audio = self._audio_inputs(prompts, pads)
 
-        states = [RowState(self.vocab, p.modality, budgets[b], settings.min_audio_frames,
-                           settings.max_audio_frames) for b, p in enumerate(prompts)]
+        states = [RowState(self.vocab, p.modality, budgets[b], min_frames,
+                           max(min_frames, settings.max_audio_frames)) for b, p in enumerate(prompts)]
         gens = [torch.Generator(device=dev).manual_seed(int(p.seed)) for p in prompts]
         backend = BACKENDS[self.backend]
         forward = (SplitForward(backend, self.model, R, L) if guided and self.split_guidance
@@ -161,23 +202,121 @@ class Engine:
         logits = forward(tokens, docs, positions, 0, N, audio, masked)
         _sync(dev)
         t1 = time.perf_counter()
-        cur, steps = N, 0
+        cur, steps, listened, ends = N, 0, [], {}
         while True:
             rows = self._choose([s.spec() for s in states], logits, B, guided and wants, settings, gens)
             fed = [states[b].accept(rows[b]) for b in range(B)]
             if guided:
                 fed += [fed[b] if states[b].audio_started else [V.PAD] * K for b in range(B)]
-            tokens[:, cur] = torch.tensor(fed, dtype=torch.long, device=dev)
-            cur, steps = cur + 1, steps + 1
-            if all(s.done for s in states) or cur == L:
+            start, steps, audio = cur, steps + 1, None
+            if codec is None:
+                tokens[:, cur] = torch.tensor(fed, dtype=torch.long, device=dev)
+                cur += 1
+            else:
+                cur, audio = self._place(states, fed, tokens, docs, positions, cur, L, settings, codec, listened)
+                ends.update({b: cur for b, st in enumerate(states) if st.done and b not in ends})
+            if all(s.done for s in states) or cur >= L:
                 break
-            logits = forward(tokens, docs, positions, cur - 1, cur, None, masked)
+            logits = forward(tokens, docs, positions, start, cur, audio, masked)
         _sync(dev)
         t2 = time.perf_counter()
         timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "batch_size": B, "steps": steps,
                   "guided": guided}
-        return [Generation(s.segments, np.asarray(s.rows, dtype=np.int64).reshape(-1, K),
-                           s.finish_reason or "length", dict(timing)) for s in states]
+        answers = [Generation(s.segments, np.asarray(s.rows, dtype=np.int64).reshape(-1, K),
+                              s.finish_reason or "length", dict(timing)) for s in states]
+        if codec is not None:
+            real = (docs[:B, N:cur] != -1).cpu().numpy()
+            seq = tokens[:B, N:cur].cpu().numpy()
+            for b, answer in enumerate(answers):
+                end = ends.get(b, cur) - N
+                answer.sequence = seq[b, :end][real[b, :end]]
+                answer.audio_in = [(int(real[b][:slot - N].sum()), n) for bb, slot, n in listened if bb == b]
+        return answers
+
+    # --- reasoning: listening to a generated clip ---------------------------------------------
+    def _listen_rows(self, frames: int, codec) -> int:
+        """Rows appended for a clip of ``frames`` codec frames: header (2), placeholders, END
+        and the next part's ``<|assistant|>``."""
+        window = self.model.model_cfg.encoder.window_seconds
+        return 4 + num_encoder_frames(frames * codec.info.hop_length, window)
+
+    def _heard(self, state: RowState, last_position, settings: GenerationSettings, codec):
+        """After an audio part that ended with ``<|eot|>``: (rows to append [m, K], 16 kHz
+        clip, encoder rows n), or None -- also when the request stops here: at ``max_rounds``
+        clips, or when the rows would pass the model's positions. last_position: a callable
+        giving the request's last position (read only then: a device sync)."""
+        seg = state.segments[-1] if state.segments else None
+        if (state.done or state.phase != "role" or seg.modality == "text" or seg.end != V.EOT
+                or seg.listened_rows is not None):
+            return None
+        if sum(s.modality != "text" for s in state.segments) >= settings.max_rounds:
+            state.stop("max_rounds")
+            return None
+        from megatron_ualm.inference.outputs import segment_codes  # soundfile only when reasoning
+        codes = segment_codes(seg, self.vocab)
+        wave = (np.clip(codec.decode(codes), -1.0, 1.0).astype(np.float32) if codes.shape[1]
+                else np.zeros(0, np.float32))
+        n = num_encoder_frames(len(wave), self.model.model_cfg.encoder.window_seconds)
+        rows = np.zeros((n + 4, self.vocab.num_codebooks), dtype=np.int64)
+        # <|audio|> whatever the clip's modality: the layout of the ``reasoning`` task
+        rows[[0, 1, n + 2, n + 3], 0] = [V.ASSISTANT, V.AUDIO, V.EOT, V.ASSISTANT]
+        if n == 0 or last_position() + len(rows) + 1 >= self.max_positions:
+            state.stop("length")
+            return None
+        return rows, wave, n
+
+    def _place(self, states: list, fed: list, tokens: Tensor, docs: Tensor, positions: Tensor, cur: int,
+               L: int, settings: GenerationSettings, codec, listened: list) -> tuple[int, Optional[dict]]:
+        """Write this step's rows of a reasoning batch at slot ``cur``; returns (new cur, the
+        heard clips' audio dict at absolute slots, or None).
+
+        Requests whose clip just ended with ``<|eot|>`` also get the rows of hearing it
+        (``_heard``). The rows of one step are right-aligned in a window as wide as the
+        longest: each row r (its unconditional twin alike) gets ``<|pad|>`` holes
+        (docs -1, attended by no real row) first, then its generated row and its appended
+        rows; its positions go on from its last real row. So every row's last slot is real
+        and the next forward's logits are read there."""
+        B, R = len(states), tokens.shape[0]
+        heard = {}
+        for b, state in enumerate(states):
+            got = self._heard(state, lambda: int(positions[b, cur - 1]), settings, codec)
+            if got is not None:
+                heard[b] = got
+        if not heard:  # the common step: one row each, positions already run on
+            tokens[:, cur] = torch.tensor(fed, dtype=torch.long, device=tokens.device)
+            return cur + 1, None
+        last = positions[:, cur - 1].tolist()
+        width = 1 + max((len(h[0]) for h in heard.values()), default=0)
+        if cur + width >= L:  # no slots left for the appended rows
+            for b in heard:
+                states[b].stop("length")
+            heard, width = {}, 1
+        spans, clips = [], []
+        for r in range(R):
+            b = r % B
+            content = [fed[r]] + (heard[b][0].tolist() if b in heard else [])
+            hole = width - len(content)
+            first = cur + hole
+            docs[r, cur:first] = -1
+            tokens[r, cur:first] = V.PAD
+            positions[r, cur:first] = 0
+            tokens[r, first:cur + width] = torch.tensor(content, dtype=torch.long, device=tokens.device)
+            positions[r, first:] = int(last[r]) + 1 + torch.arange(positions.shape[1] - first, device=positions.device)
+            if b in heard:
+                spans.append((r, first + 3, heard[b][2]))
+                clips.append(heard[b][1])
+                if r < B:
+                    listened.append((b, first + 3, heard[b][2]))
+                    states[b].listened(heard[b][2], heard[b][1],
+                                       self.max_positions - 1 - (int(last[r]) + len(content)))
+        if not clips:
+            return cur + width, None
+        wave = torch.zeros(len(clips), max(len(c) for c in clips))
+        for i, c in enumerate(clips):
+            wave[i, :len(c)] = torch.from_numpy(c)
+        return cur + width, {"audio_waveforms": wave.to(self.device),
+                             "audio_num_samples": torch.tensor([len(c) for c in clips], device=self.device),
+                             "audio_rows": torch.tensor(spans, dtype=torch.long, device=self.device)}
 
     def _audio_inputs(self, prompts: list[Prompt], pads: list[int]) -> Optional[dict]:
         spans, clips = [], []

@@ -20,6 +20,11 @@ the prompt once into megatron's ``StaticInferenceContext`` and then one row per 
 through megatron's layers, with per-row RoPE angles for the whole cache. ``FullForward`` re-runs
 the whole prefix through the training forward (``UALMModel.logits``) every step: the
 reference the cached path is tested against.
+
+Reasoning appends rows mid-decode (the model listening to its own clip: header, placeholder
+rows filled with encoder frames, END): a call with ``end - start > 1`` and ``audio`` whose
+``audio_rows`` name absolute slots in [start, end). ``GraphForward`` prefills just those rows
+into its cache; ``FullForward`` adds the clips to the ones it recomputes with.
 """
 from __future__ import annotations
 
@@ -70,7 +75,9 @@ class CachedForward:
         if start != ctx.sequence_len_offset:
             raise ValueError(f"cache holds {ctx.sequence_len_offset} positions, call starts at {start}")
         if start > 0:
-            audio = None  # continuous audio lives in the prompt only
+            if audio is not None or end - start != 1:
+                raise NotImplementedError("the cached backend appends one generated row per call; "
+                                          "reasoning (appended clips) runs on the graph or full backend")
             ctx.enable_decode_mode()
         hidden = model.embed(tokens[:, start:end], **(audio or {}))
         # megatron slices the query angles at [start, end) and the key angles at [0, end)
@@ -94,10 +101,25 @@ class FullForward:
                  audio: Optional[dict] = None, masked: bool = True) -> tuple[Tensor, Tensor]:
         if start == 0:
             self.audio = audio
+        elif audio is not None:
+            self.audio = merge_audio(self.audio, audio)
         stream0, streams = self.model.logits(tokens[:, :end], positions[:, :end],
                                              docs[:, :end] if masked else None, last_only=True,
                                              **(self.audio or {}))
         return stream0[:, -1], streams[:, -1]
+
+
+def merge_audio(a: Optional[dict], b: dict) -> dict:
+    """The clips of two audio dicts (``audio_waveforms`` [N, S], ``audio_num_samples`` [N],
+    ``audio_rows`` [N, 3] at absolute slots) as one."""
+    if a is None:
+        return b
+    wa, wb = a["audio_waveforms"], b["audio_waveforms"]
+    width = max(wa.shape[1], wb.shape[1])
+    wave = torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[1])) for w in (wa, wb)])
+    return {"audio_waveforms": wave,
+            "audio_num_samples": torch.cat([a["audio_num_samples"], b["audio_num_samples"]]),
+            "audio_rows": torch.cat([a["audio_rows"], b["audio_rows"]])}
 
 
 class SplitForward:

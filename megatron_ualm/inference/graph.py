@@ -31,6 +31,11 @@ slot as the real step. A failed capture logs a warning once and the step runs ea
 Buffers, cache and graph are kept per model and reused by later batches of the same
 (R, L rounded up to 128); the weights must stay where they are (in-place updates are fine).
 
+Rows appended later in one call (reasoning: the model listening to its own clip) run
+through the same loop eagerly at their slots, against the cache (``_extend``); with a mask,
+every call first copies its slots' positions and valid flags into the static buffers
+(reasoning leaves masked holes beside appended rows and moves later positions).
+
 Prefill runs the prompt through the same loop eagerly (causal, or the document mask of
 ``model/attention.py`` when left-padded), filling slots [0, N).
 """
@@ -129,8 +134,11 @@ class GraphForward:
         s, self.filled = self.static, end
         if start == 0:
             return self._prefill(tokens, docs, positions, end, audio, masked)
-        if end - start != 1:
-            raise ValueError("after the prefill the graph backend takes one row per call")
+        if masked:  # reasoning may have moved later positions and left holes (``Engine._place``)
+            s.positions[:, start:end].copy_(positions[:, start:end])
+            s.valid[:, start:end].copy_(docs[:, start:end] != -1)
+        if end - start != 1 or audio is not None:
+            return self._extend(tokens, docs, positions, start, end, audio, masked)
         s.tokens.copy_(tokens[:, start:end])
         s.slot.fill_(start)
         if s.slot.is_cuda and not s.tried:
@@ -150,6 +158,24 @@ class GraphForward:
         angles = self.model.rotary(positions[:, :end]).transpose(0, 1)
         mask = document_causal_mask(docs[:, :end], end, end, tokens.device) if masked else None
         hidden = self._layers(hidden, angles, torch.arange(end, device=tokens.device), end, mask)
+        stream0, streams = self.model.head.logits(hidden.transpose(0, 1), last_only=True)
+        return stream0[:, -1], streams[:, -1]
+
+    def _extend(self, tokens, docs, positions, start, end, audio, masked):
+        """Rows [start, end) appended after the cache (eagerly): each sees the cached slots
+        and the new rows up to itself. ``audio_rows`` name absolute slots."""
+        s = self.static
+        if audio is not None:
+            rows = audio["audio_rows"].clone()
+            rows[:, 1] -= start
+            audio = {**audio, "audio_rows": rows}
+        hidden = self.model.embed(tokens[:, start:end], **(audio or {})).transpose(0, 1)  # [R, S, H]
+        angles = self.model.rotary(positions[:, start:end]).transpose(0, 1)
+        slots = torch.arange(start, end, device=tokens.device)
+        # a hole (docs -1) attends to itself alone: no real row sees it, and it must not be NaN
+        mask = ((s.valid[:, None, None, :end] & (s.slots[:end] <= slots[:, None])[None, None])
+                | (s.slots[:end] == slots[:, None])[None, None])
+        hidden = self._layers(hidden, angles, slots, end, mask)
         stream0, streams = self.model.head.logits(hidden.transpose(0, 1), last_only=True)
         return stream0[:, -1], streams[:, -1]
 

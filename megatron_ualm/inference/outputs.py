@@ -3,7 +3,12 @@
 Audio: the delayed rows of a segment are undone (``formats.delay.undo_delay``) over the
 frames for which every codebook is present -- all T frames when the segment ended, the
 complete ones (rows - K + 1) when the row budget cut it -- and frames holding a pad code
-are dropped before the codec decodes them.
+are dropped before the codec decodes them. A clip the model listened to (reasoning) is
+written as the waveform it heard.
+
+Reasoning answers also get a ``transcript``: every part in order,
+``{"type": "text", "text"}``, ``{"type": "audio", "wav", "frames", "duration_s"}`` and,
+after a clip the model heard, ``{"type": "listen", "wav", "encoder_rows"}``.
 """
 from __future__ import annotations
 
@@ -63,9 +68,13 @@ def describe(generation, vocab: UnifiedVocab, decode, codec=None, wav_prefix: Op
         codes = segment_codes(seg, vocab)
         entry = {"modality": seg.modality, "frames": int(codes.shape[1]), "rows": len(seg.rows),
                  "complete": seg.end is not None}
+        if seg.listened_rows is not None:
+            entry["listened_rows"] = seg.listened_rows
         if codec is not None and wav_prefix is not None:
             path = f"{wav_prefix}_{i}.wav"
-            if codes.shape[1] > 0:
+            if seg.waveform is not None:
+                audio = seg.waveform
+            elif codes.shape[1] > 0:
                 audio = codec.decode(codes)
             else:
                 audio = np.zeros(0, dtype=np.float32)
@@ -75,5 +84,37 @@ def describe(generation, vocab: UnifiedVocab, decode, codec=None, wav_prefix: Op
             entry["duration_s"] = len(audio) / SAMPLE_RATE
             wavs.append(path)
         segments.append(entry)
-    return {"text": "".join(texts), "segments": segments, "wavs": wavs,
-            "finish_reason": generation.finish_reason, "generated_rows": int(len(generation.rows))}
+    answer = {"text": "".join(texts), "segments": segments, "wavs": wavs,
+              "finish_reason": generation.finish_reason, "generated_rows": int(len(generation.rows))}
+    if generation.sequence is not None:
+        answer["transcript"] = transcript(segments)
+        answer["rounds"] = sum(seg["modality"] != "text" for seg in segments)
+    return answer
+
+
+def transcript(segments: list) -> list:
+    """The parts of a reasoning answer in order (see the module doc) from ``describe``'s segments."""
+    parts = []
+    for seg in segments:
+        if seg["modality"] == "text":
+            parts.append({"type": "text", "text": seg["text"]})
+            continue
+        parts.append({"type": "audio", "wav": seg.get("wav"), "frames": seg["frames"],
+                      "duration_s": seg.get("duration_s")})
+        if "listened_rows" in seg:
+            parts.append({"type": "listen", "wav": seg.get("wav"), "encoder_rows": seg["listened_rows"]})
+    return parts
+
+
+def format_transcript(record: dict) -> str:
+    """Readable lines of one answer record's transcript (the CLI prints them)."""
+    lines = [f"[{record['id']}] reasoning, {record.get('rounds', 0)} clip(s), "
+             f"finish: {record.get('finish_reason')}"]
+    for part in record.get("transcript", []):
+        if part["type"] == "text":
+            lines.append(f"  text:   {part['text']}")
+        elif part["type"] == "audio":
+            lines.append(f"  audio:  {part['wav']} ({part['frames']} frames)")
+        else:
+            lines.append(f"  listen: {part['wav']} ({part['encoder_rows']} encoder rows)")
+    return "\n".join(lines)

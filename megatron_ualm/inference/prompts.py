@@ -19,7 +19,9 @@ transcription_to_speech     ``text`` (+ ``instruction``)                    spee
 =========================== =============================================== ============
 
 ``messages`` is ``[{"role": "system"|"user"|"assistant", "content": "..."}]`` ending
-with a user turn. ``modality`` ("auto", "text", "audio", "speech") overrides the answer
+with a user turn. ``"mode": "reasoning"`` (text or audio requests) answers UALM-Reason
+style: the model hears every clip it generates and may critique and regenerate it (at
+most ``max_rounds`` clips; ``engine`` module doc). ``modality`` ("auto", "text", "audio", "speech") overrides the answer
 modality. Relative audio paths are resolved against ``base_dir`` (the manifest's folder).
 """
 from __future__ import annotations
@@ -130,7 +132,11 @@ def build_prompt(record: dict, vocab: UnifiedVocab, tokenize: Callable[[str], li
     rows = np.concatenate([example.tokens, assistant])
     spans = [(s.row, s.num_rows) for s in example.audio_spans]
     modality = _modality(record, task)
-    return Prompt(rows, spans, [clips[s.clip_index] for s in example.audio_spans], modality, seed)
+    mode = record.get("mode", "default")
+    if mode not in ("default", "reasoning"):
+        raise RequestError("bad_request", f"mode {mode!r} not in default/reasoning")
+    return Prompt(rows, spans, [clips[s.clip_index] for s in example.audio_spans], modality, seed,
+                  reasoning=mode == "reasoning")
 
 
 def _modality(record: dict, task: str) -> Optional[str]:

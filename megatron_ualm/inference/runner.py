@@ -15,6 +15,10 @@ Answer record (one JSON object per line of ``answers.jsonl``, in manifest order)
      "timing": {"prefill_s": .., "decode_s": .., "batch_size": 16, "steps": 300, "guided": true},
      "settings": {...GenerationSettings..., "request_seed": 1234}, "rank": 0}
 
+A ``"mode": "reasoning"`` request's record adds ``"transcript"`` (every text part, clip and
+listening in order, ``outputs`` module doc) and ``"rounds"`` (clips generated);
+``finish_reason`` may then be ``"max_rounds"``. Reasoning needs the codec.
+
 A request that cannot run gets ``"status": "error"`` and
 ``"error": {"reason": "missing_file" | "unreadable" | "empty_prompt" | "prompt_too_long" |
 "bad_request" | ..., "message": "..."}`` instead of the answer fields; the others complete.
@@ -117,7 +121,7 @@ def run_requests(engine: Engine, records: list[tuple[int, dict]], out_dir: str,
         for start in range(0, len(items), group_settings.batch_size):
             batch = items[start:start + group_settings.batch_size]
             try:
-                gens = engine.generate([p for _, _, p, _ in batch], group_settings)
+                gens = engine.generate([p for _, _, p, _ in batch], group_settings, codec)
             except Exception as e:  # noqa: BLE001 -- one failing batch must not stop the run
                 logger.exception("generation failed for %d requests", len(batch))
                 for index, base, _, _ in batch:

@@ -42,6 +42,7 @@ class GenerationSettings:
     frame_rate: float = 50.0          # codec frames per second (X-Codec: 50)
     seed: int = 0
     batch_size: int = 16              # requests per engine batch (the CLI groups requests)
+    max_rounds: int = 3               # reasoning requests: at most this many generated clips
 
     def __post_init__(self):
         """Raise ConfigError (a ValueError) naming the first setting out of range."""
@@ -53,7 +54,8 @@ class GenerationSettings:
                 raise ConfigError(f"{name}: must be in (0, 1], got {getattr(self, name)}")
         if self.guidance_scale < 1:
             raise ConfigError(f"guidance_scale: must be >= 1 (1: no guidance), got {self.guidance_scale}")
-        for name, low in (("max_new_rows", 1), ("batch_size", 1), ("min_audio_frames", 1), ("frame_rate", 1e-9)):
+        for name, low in (("max_new_rows", 1), ("batch_size", 1), ("max_rounds", 1), ("min_audio_frames", 1),
+                          ("frame_rate", 1e-9)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 

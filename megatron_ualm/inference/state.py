@@ -22,7 +22,8 @@ outside [0, T). So at segment row r:
   ``max_frames`` forces the end.
 
 ``<|eos|>`` finishes the answer; ``<|eot|>`` is followed by a forced ``<|assistant|>`` row
-and a new modality choice.
+and a new modality choice. In reasoning mode the engine may instead append the rows of the
+model listening to its clip (``listened``), after which the next row is a modality choice.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class Segment:
     rows: list = field(default_factory=list)    # audio: [K] unified ids per row
     num_frames: Optional[int] = None            # audio: T once known
     end: Optional[int] = None                   # the END token (EOS/EOT), None if cut off
+    listened_rows: Optional[int] = None         # reasoning: encoder rows of this clip fed back
+    waveform: Optional[object] = None           # reasoning: the 16 kHz clip the model heard
 
 
 class RowState:
@@ -176,6 +179,22 @@ class RowState:
         if not self.done and len(self.rows) >= self.max_rows:
             self.phase, self.finish_reason = "done", "length"
         return row
+
+    def listened(self, num_rows: int, waveform, rows_left: int):
+        """The engine appended ``<|assistant|> <|audio|>`` + ``num_rows`` placeholder rows +
+        ``<|eot|> <|assistant|>`` after the audio segment that just ended with ``<|eot|>``;
+        ``rows_left``: positions still free after them (bounds the rows this request may add)."""
+        seg = self.segments[-1]
+        if self.phase != "role" or seg.modality == "text" or seg.end != V.EOT:
+            raise AssertionError("a clip is listened to right after it ends with <|eot|>")
+        seg.listened_rows, seg.waveform = num_rows, waveform
+        self.phase = "modality"
+        self.max_rows = min(self.max_rows, len(self.rows) + rows_left)
+        if rows_left <= 0:
+            self.phase, self.finish_reason = "done", "length"
+
+    def stop(self, reason: str):
+        self.phase, self.finish_reason = "done", reason
 
     def _close(self, end_token: int):
         if end_token == V.EOS:
