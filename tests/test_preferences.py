@@ -139,6 +139,7 @@ def test_bad_lines_are_rejected_whole_and_pairs_stay_aligned(tmp_path, demo):
     assert reasons == ["too_long", "too_long"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_byte_identical(tmp_path, demo):
     root, pairs, _, _ = demo
     path = _write(root / "resume.jsonl", pairs + ["{bad"])
@@ -149,9 +150,9 @@ def test_kill_and_resume_byte_identical(tmp_path, demo):
     killed = subprocess.run(cmd, env=dict(env, **{KILL_ENV: "2"}), capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert not os.path.exists(tmp_path / "r.pairs.json")
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "1 written now, 2 resumed" in resumed.stderr and "bad_json" in resumed.stderr
+    resumed = run_preferences(_cfg([path], tmp_path / "r", root, chunk_size=2, max_reject_fraction=0.5))
+    assert resumed.figures["chunks"] == "3 chunks: 1 written now, 2 resumed"
+    assert dict(resumed.rejected) == {"bad_json": 1} and resumed.exit_code(0.5) == 0
     run_preferences(_cfg([path], tmp_path / "u", root, chunk_size=2, max_reject_fraction=0.5))
     names = [f".{s}{e}" for s in ("chosen", "rejected") for e in SIDE_FILES] + [".pairs.json", ".rejects.jsonl"]
     for ext in names:
@@ -160,3 +161,88 @@ def test_kill_and_resume_byte_identical(tmp_path, demo):
     assert "already complete" in again.figures["chunks"]
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_preferences(_cfg([path], tmp_path / "u", root, chunk_size=3))
+
+
+def loudness_score(captions, waveforms, sample_rate):
+    """A tiny scorer for the tests: more sound (summed magnitude) is better."""
+    assert sample_rate == 16000 and len(captions) == len(waveforms)
+    return [float(np.abs(w).astype(np.float64).sum()) for w in waveforms]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from model_batches import tiny_model_cfg
+
+    from megatron_ualm.audio.codec import save_tiny_codec
+    from megatron_ualm.config import DataConfig, PathsConfig, UALMConfig
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    from megatron_ualm.training.checkpoint import save_checkpoint
+    root = tmp_path_factory.mktemp("selfpairs")
+    train_tiny_tokenizer(["a dog barks near the river", "a high tone then rain"] * 20, str(root / "tok"), 280)
+    codec = save_tiny_codec(str(root / "codec"), 4, 16)
+    cfg = UALMConfig(model=tiny_model_cfg(init_method_std=0.3), data=DataConfig(seq_length=256),
+                     paths=PathsConfig(tokenizer=str(root / "tok"), codec=codec))
+    init_runtime(device="cpu", seed=0)
+    model = UALMModel(cfg.model, transformer_config_from(cfg.model, None, "fp32"))
+    save_checkpoint(str(root / "run" / "checkpoints"), 0, [model], config=cfg)
+    shutdown_runtime()
+    return root
+
+
+def test_pairs_from_own_samples_go_through_the_pair_builder(tmp_path, checkpoint):
+    from megatron_ualm.audio.codec import Codec
+    from megatron_ualm.inference.preference_pairs import main
+    root = checkpoint
+    captions = _write(tmp_path / "captions.jsonl", [{"caption": "a dog barks", "id": "dog"},
+                                                    "a high tone then rain", "{oops", {"caption": "rain"}])
+    args = ["--checkpoint", str(root / "run"), "--captions", captions, "--scorer", "test_preferences:loudness_score",
+            "--clips-per-caption", "3", "--max-audio-seconds", "0.2", "--seed", "3", "--device", "cpu",
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a" / "pairs.jsonl"), "--batch-size", "9"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b" / "pairs.jsonl"), "--batch-size", "2"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "a" / "pairs.jsonl").read_text().splitlines()]
+    rejects = [json.loads(x) for x in (tmp_path / "a" / "pairs.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert (rejects[0]["line"], rejects[0]["reason"]) == (3, "bad_json")
+    # every usable caption gives a pair unless its clips are empty or score alike (the tiny
+    # model samples one identical frame for "rain" with every seed)
+    assert [x["id"] for x in lines] == ["dog", "1"] and lines[1]["prompt"] == "a high tone then rain"
+    assert [(r["id"], r["reason"]) for r in rejects[1:]] == [("3", "tied_scores")]
+    codec = Codec(str(root / "codec"))
+    for x in lines:
+        assert x["chosen_score"] == max(x["scores"]) > x["rejected_score"] == min(x["scores"])
+        for side in ("chosen", "rejected"):
+            codes = np.load(tmp_path / "a" / x[side])
+            wave = np.clip(codec.decode(codes), -1, 1).astype(np.float32)
+            assert loudness_score([x["prompt"]], [wave], 16000)[0] == pytest.approx(x[f"{side}_score"], rel=1e-5)
+    # the same seed gives the same pairs, whatever the batching
+    assert (tmp_path / "a" / "pairs.jsonl").read_bytes() == (tmp_path / "b" / "pairs.jsonl").read_bytes()
+    for name in os.listdir(tmp_path / "a" / "pairs.codes"):
+        assert (tmp_path / "a" / "pairs.codes" / name).read_bytes() == (tmp_path / "b" / "pairs.codes" / name).read_bytes()
+    # the JSONL feeds the pair builder; documents hold the chosen / rejected codes
+    summary = run_preferences(PreferenceConfig(inputs=[str(tmp_path / "a" / "pairs.jsonl")], out=str(tmp_path / "d"),
+                                               tokenizer=str(root / "tok"), codec=str(root / "codec"),
+                                               text_vocab_size=300, workers=1, progress=False))
+    assert summary.kept == 2 and summary.total_rejected == 0
+    from megatron_ualm.formats import templates as T
+    for side in ("chosen", "rejected"):
+        ds = I.TokenizedDataset(f"{tmp_path}/d.{side}", task="caption_to_audio")
+        for i, x in enumerate(lines):
+            (target,) = [s for s in ds.segments(i) if s.mode in (T.MODE_CODEC, T.MODE_CODEC_TARGET)]
+            codes = np.load(tmp_path / "a" / x[side])
+            np.testing.assert_array_equal(target.data, codes.reshape(-1))  # stored as raw [K, T] codes
+
+
+def test_demo_scorer_prefers_the_sound_the_caption_describes(tmp_path):
+    from megatron_ualm.data.demo_scorer import score
+    d = make_demo_data(str(tmp_path), num_clips=12, num_text=2, speech=False)
+    recs = list(iter_manifest(d.etta))
+    waves = [load_audio(r.location, r.start_time, r.end_time) for r in recs]
+    m = np.array([score([r.caption] * len(waves), waves, 16000) for r in recs])  # [caption, clip]
+    own = np.diag(m)
+    assert (own >= m.max(axis=1) - 0.05).all()  # the caption's own clip is (nearly) the best
+    assert (m.argmax(axis=1) == np.arange(len(recs))).mean() >= 0.75
+    assert (own - (m.sum(axis=1) - own) / (len(recs) - 1)).min() > 0.3
+    quieter = score([recs[0].caption], [waves[0] * 0.1], 16000)[0]
+    assert "loud" in recs[0].caption and quieter < own[0]
