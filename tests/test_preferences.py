@@ -163,9 +163,16 @@ def test_kill_and_resume_byte_identical(tmp_path, demo):
         run_preferences(_cfg([path], tmp_path / "u", root, chunk_size=3))
 
 
+SCORER_CALLS = {"left": None}  # calls allowed before the scorer fails (None: no limit)
+
+
 def loudness_score(captions, waveforms, sample_rate):
     """A tiny scorer for the tests: more sound (summed magnitude) is better."""
     assert sample_rate == 16000 and len(captions) == len(waveforms)
+    if SCORER_CALLS["left"] is not None:
+        if SCORER_CALLS["left"] == 0:
+            raise RuntimeError("scorer interrupted")
+        SCORER_CALLS["left"] -= 1
     return [float(np.abs(w).astype(np.float64).sum()) for w in waveforms]
 
 
@@ -220,6 +227,14 @@ def test_pairs_from_own_samples_go_through_the_pair_builder(tmp_path, checkpoint
     assert (tmp_path / "a" / "pairs.jsonl").read_bytes() == (tmp_path / "b" / "pairs.jsonl").read_bytes()
     for name in os.listdir(tmp_path / "a" / "pairs.codes"):
         assert (tmp_path / "a" / "pairs.codes" / name).read_bytes() == (tmp_path / "b" / "pairs.codes" / name).read_bytes()
+    # interrupted after the first caption (one caption per batch), then resumed: the same output
+    SCORER_CALLS["left"] = 1
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(args + ["--out", str(tmp_path / "c" / "pairs.jsonl"), "--batch-size", "3"])
+    SCORER_CALLS["left"] = None
+    assert sorted(os.listdir(tmp_path / "c" / "pairs.jsonl.parts")) == ["000000.json"]
+    assert main(args + ["--out", str(tmp_path / "c" / "pairs.jsonl"), "--batch-size", "3"]) == 0
+    assert (tmp_path / "c" / "pairs.jsonl").read_bytes() == (tmp_path / "a" / "pairs.jsonl").read_bytes()
     # the JSONL feeds the pair builder; documents hold the chosen / rejected codes
     summary = run_preferences(PreferenceConfig(inputs=[str(tmp_path / "a" / "pairs.jsonl")], out=str(tmp_path / "d"),
                                                tokenizer=str(root / "tok"), codec=str(root / "codec"),

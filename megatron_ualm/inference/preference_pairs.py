@@ -91,7 +91,12 @@ def load_directory_scorer(path: str, device: str = "cpu") -> Scorer:
         audio = [soxr.resample(np.asarray(w, np.float32), sample_rate, rate).astype(np.float32)
                  if sample_rate != rate else np.asarray(w, np.float32) for w in waveforms]
         text = processor(text=list(captions), return_tensors="pt", padding=True).to(device)
-        sound = processor(audio=audio, sampling_rate=rate, return_tensors="pt").to(device)
+        state = np.random.get_state()  # the feature extractor crops long clips at random
+        np.random.seed(0)
+        try:
+            sound = processor(audio=audio, sampling_rate=rate, return_tensors="pt").to(device)
+        finally:
+            np.random.set_state(state)
         t = as_tensor(model.get_text_features(**text)).float()
         a = as_tensor(model.get_audio_features(**sound)).float()
         return torch.nn.functional.cosine_similarity(t, a, dim=-1).cpu().tolist()
@@ -321,13 +326,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output preference JSONL (codes go to <out stem>.codes/)")
     p.add_argument("--scorer", required=True, help="module:function (score(captions, waveforms, sample_rate) "
                                                    "-> list[float], higher is better) or a local CLAP directory")
-    for name, kind in (("clips_per_caption", int), ("seed", int), ("temperature", float), ("top_k", int),
-                       ("guidance_scale", float), ("max_audio_seconds", float), ("batch_size", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name].default)
-    p.add_argument("--tokenizer", help="local HF tokenizer directory (default: the checkpoint's)")
-    p.add_argument("--codec", help="local HF XcodecModel directory (default: the checkpoint's)")
-    p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    for name, kind, text in (("clips_per_caption", int, "clips sampled per caption"),
+                             ("seed", int, "sampling seed (clip j of caption id uses request_seed(seed, 'id#j'))"),
+                             ("temperature", float, "audio sampling temperature"),
+                             ("top_k", int, "audio top-k per stream"),
+                             ("guidance_scale", float, "classifier-free guidance scale (1: none)"),
+                             ("max_audio_seconds", float, "longest clip generated"),
+                             ("batch_size", int, "clips per engine batch")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name].default, help=text)
+    p.add_argument("--tokenizer", help="local HF tokenizer directory (None: the checkpoint's)")
+    p.add_argument("--codec", help="local HF XcodecModel directory (None: the checkpoint's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="None: cuda when a GPU is visible")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="None: bf16 on cuda, fp32 on cpu")
     p.add_argument("--max-reject-fraction", type=float, default=max(DEFAULT_MAX_REJECT_FRACTION, 0.5),
                    help="fail when more captions than this share give no pair")
     p.add_argument("--no-progress", action="store_true")
