@@ -64,6 +64,9 @@ class Item:
     reject: Reject | None = None
     load: Callable[[], np.ndarray] | None = None
     key: str | None = None           # shard key, when read from shards
+    # codec tasks: returns the clip's codec codes int [K, T] already made (the codec is not
+    # run); raises AudioError for a bad codes file
+    codes: Callable[[], np.ndarray] | None = None
 
 
 @dataclass
@@ -205,11 +208,14 @@ class ExampleBuilder:
 
         # 2. audio: decode on threads, check lengths
         audio: dict[int, np.ndarray] = {}
+        given: dict[int, np.ndarray] = {}  # codes read instead of encoded
         if self.uses_codec or self.uses_waves:
             todo = [i for i, o in enumerate(outcome) if isinstance(o, list)]
 
             def decode(i):
                 try:
+                    if items[i].codes is not None:
+                        return i, items[i].codes(), None
                     return i, _load(items[i], opts), None
                 except AudioError as e:
                     return i, None, e
@@ -217,12 +223,15 @@ class ExampleBuilder:
                 for i, samples, err in pool.map(decode, todo):
                     if err is not None:
                         fail(i, err.reason, f"{err.path}: {err.message}")
-                    elif (why := self._length_problem(len(samples))) is not None:
+                        continue
+                    is_codes = items[i].codes is not None
+                    n = samples.shape[1] * self.codec.info.hop_length if is_codes else len(samples)
+                    if (why := self._length_problem(n)) is not None:
                         fail(i, *why)
                     else:
-                        audio[i] = samples
+                        (given if is_codes else audio)[i] = samples
 
-        return _Prepared(list(items), outcome, audio)
+        return _Prepared(list(items), outcome, audio, given)
 
     def finish(self, prep: "_Prepared", writer: I.DocumentWriter) -> ChunkResult:
         """Codec, tokenizer and writing phases."""
@@ -230,7 +239,7 @@ class ExampleBuilder:
         items, outcome, audio = prep.items, prep.outcome, prep.audio
 
         # 3. codec on equal-length batches
-        codes: dict[int, np.ndarray] = {}
+        codes: dict[int, np.ndarray] = dict(prep.codes)
         if self.uses_codec and audio:
             order = sorted(audio)
             for i, c in zip(order, self.codec.encode([audio[i] for i in order], self.batch_size)):
@@ -238,7 +247,7 @@ class ExampleBuilder:
 
         # 4. every text of the chunk in one tokenizer call
         keep = [i for i, o in enumerate(outcome) if isinstance(o, list)
-                and (not (self.uses_codec or self.uses_waves) or i in audio)]
+                and (not (self.uses_codec or self.uses_waves) or i in audio or i in codes)]
         unique = sorted({s for i in keep for s in outcome[i]})
         ids = dict(zip(unique, encode_batch(self.tokenizer, unique)))
         tokenize = ids.__getitem__
@@ -260,6 +269,8 @@ class ExampleBuilder:
                 res.counts["clips"] += 1
             if i in audio:
                 res.counts["audio_samples"] += len(audio[i])
+            elif i in prep.codes:
+                res.counts["audio_samples"] += prep.codes[i].shape[1] * self.codec.info.hop_length
             writer.add_document(segments)
             res.counts.update(I.document_stats(segments, self.vocab.num_codebooks))
             res.counts["sequences"] += len(segments)
@@ -287,6 +298,7 @@ class _Prepared:
     items: list
     outcome: list          # per item: reject dict, or the texts it needs
     audio: dict            # item index -> float32 samples
+    codes: dict = field(default_factory=dict)  # item index -> codes [K, T] given, not encoded
 
 
 def turns_from_json(turns) -> tuple[Turn, ...]:
