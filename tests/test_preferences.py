@@ -15,6 +15,7 @@ from megatron_ualm.data.manifests import iter_manifest
 from megatron_ualm.data.preferences import PreferenceConfig, run_preferences
 from megatron_ualm.data.preprocess import KILL_ENV, PreprocessConfig, run_preprocess
 from megatron_ualm.data.tokenizer import train_tiny_tokenizer
+from megatron_ualm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE_FILES = (".bin", ".idx", ".meta.json")
@@ -261,3 +262,21 @@ def test_demo_scorer_prefers_the_sound_the_caption_describes(tmp_path):
     assert (own - (m.sum(axis=1) - own) / (len(recs) - 1)).min() > 0.3
     quieter = score([recs[0].caption], [waves[0] * 0.1], 16000)[0]
     assert "loud" in recs[0].caption and quieter < own[0]
+
+
+def test_a_clap_directory_scorer_gives_the_clap_cosines(tmp_path):
+    from megatron_ualm.evaluation.clap import ClapScorer
+    from megatron_ualm.inference.preference_pairs import load_scorer
+    from test_evaluate import tiny_clap
+
+    directory = tiny_clap(tmp_path / "clap")
+    rng = np.random.default_rng(1)
+    waves = [rng.standard_normal(16000 * 11).astype(np.float32) * 0.1,  # longer than CLAP's 10 s window
+             np.sin(np.arange(12000) * 0.05).astype(np.float32)]
+    captions = ["rain on a roof", "a sine tone"]
+    score = load_scorer(str(directory))
+    first = score(captions, waves, 16000)
+    assert first == score(captions, waves, 16000)  # the long clip is cropped the same way every time
+    np.testing.assert_allclose(first, ClapScorer(str(directory)).scores(captions, waves), rtol=1e-6)
+    with pytest.raises(UserError, match="--scorer: .* has no config.json"):
+        load_scorer(str(tmp_path))

@@ -25,9 +25,12 @@ def _embedding(features) -> torch.Tensor:
 
 
 class ClapScorer:
-    def __init__(self, directory: str, device: torch.device = torch.device("cpu")):
+    """Scores (caption, 16 kHz waveform) pairs with a local CLAP model; ``option`` names the
+    command-line option the directory came from, for the error a wrong directory gives."""
+
+    def __init__(self, directory: str, device: torch.device = torch.device("cpu"), option: str = "--clap"):
         if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise UserError(f"--clap: {directory} has no config.json; pass a local CLAP model directory "
+            raise UserError(f"{option}: {directory} has no config.json; pass a local CLAP model directory "
                             "(transformers ClapModel + ClapProcessor, saved with save_pretrained)")
         from transformers import ClapModel, ClapProcessor
         self.model = ClapModel.from_pretrained(directory).to(device).eval()
@@ -48,7 +51,12 @@ class ClapScorer:
     @torch.no_grad()
     def embed_audio(self, waves_16k: Sequence[np.ndarray]) -> torch.Tensor:
         audio = [self.resample(w) for w in waves_16k]
-        inputs = self.processor(audio=audio, sampling_rate=self.rate, return_tensors="pt").to(self.device)
+        state = np.random.get_state()  # the feature extractor crops long clips at random: crop the same way every time
+        np.random.seed(0)
+        try:
+            inputs = self.processor(audio=audio, sampling_rate=self.rate, return_tensors="pt").to(self.device)
+        finally:
+            np.random.set_state(state)
         return _embedding(self.model.get_audio_features(**inputs)).float()
 
     def scores(self, captions: Sequence[str], waves_16k: Sequence[np.ndarray]) -> list[float]:

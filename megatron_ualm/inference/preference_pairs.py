@@ -73,33 +73,17 @@ class PairSamplingConfig:
 # --- scorers ------------------------------------------------------------------------------------
 def load_directory_scorer(path: str, device: str = "cpu") -> Scorer:
     """A local CLAP model directory (transformers ClapModel + ClapProcessor) -> a scorer giving
-    the cosine similarity of each caption's text embedding and its clip's audio embedding."""
-    import soxr
+    the cosine similarity of each caption's text embedding and its clip's audio embedding
+    (``evaluation.clap.ClapScorer``, the one ``megatron_ualm.evaluate --clap`` uses)."""
     import torch
-    from transformers import ClapModel, ClapProcessor
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"--scorer: {path} has no config.json; pass a local CLAP model directory "
-                        "(ClapModel + ClapProcessor saved with save_pretrained) or module:function")
-    model = ClapModel.from_pretrained(path).to(device).eval()
-    processor = ClapProcessor.from_pretrained(path)
-    rate = int(processor.feature_extractor.sampling_rate)
-    as_tensor = lambda f: f if isinstance(f, torch.Tensor) else f.pooler_output  # noqa: E731
+    from megatron_ualm.evaluation.clap import SOURCE_RATE, ClapScorer
+    clap = ClapScorer(path, torch.device(device), option="--scorer")
 
-    @torch.no_grad()
     def score(captions, waveforms, sample_rate):
-        audio = [soxr.resample(np.asarray(w, np.float32), sample_rate, rate).astype(np.float32)
-                 if sample_rate != rate else np.asarray(w, np.float32) for w in waveforms]
-        text = processor(text=list(captions), return_tensors="pt", padding=True).to(device)
-        state = np.random.get_state()  # the feature extractor crops long clips at random
-        np.random.seed(0)
-        try:
-            sound = processor(audio=audio, sampling_rate=rate, return_tensors="pt").to(device)
-        finally:
-            np.random.set_state(state)
-        t = as_tensor(model.get_text_features(**text)).float()
-        a = as_tensor(model.get_audio_features(**sound)).float()
-        return torch.nn.functional.cosine_similarity(t, a, dim=-1).cpu().tolist()
+        if sample_rate != SOURCE_RATE:
+            raise ValueError(f"CLAP scorer: clips at {sample_rate} Hz, expected {SOURCE_RATE}")
+        return clap.scores(captions, waveforms)
     return score
 
 
