@@ -6,12 +6,14 @@ Every step runs the real command-line tool a user would run, and prints it first
  2. build audio shards      data_tools/build_shards.py
  3. tiny pretrained parts   a byte-level BPE tokenizer trained on the demo text, a tiny random
                             X-Codec (the real classes, small configs; nothing is downloaded)
- 4. tokenize                data_tools/preprocess_text.py, data_tools/preprocess_audio.py
+ 4. tokenize                data_tools/preprocess_text.py, data_tools/preprocess_audio.py (four
+                            pre-training tasks and the reasoning conversations)
  5. train (2 processes)     torchrun ... -m megatron_ualm.train at TP=2 over gloo; half way every
                             process gets SIGUSR1 (as from Slurm's --signal), the ranks save a
                             checkpoint and ask for requeue; the relaunch resumes and finishes
  6. export to HuggingFace   checkpoints_convert/megatron_to_hf.py
- 7. generate                python -m megatron_ualm.generate: a text answer and a text-to-audio clip
+ 7. generate                python -m megatron_ualm.generate: a text answer, a text-to-audio clip
+                            and a reasoning answer that listens to its own clip
 
 It ends with a summary: loss at the start and the end, the answers, the WAV's duration.
 """
@@ -26,10 +28,14 @@ import subprocess
 import sys
 import time
 
+from megatron_ualm.data.demo import REASONING_SYSTEM, SoundRequest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_QUESTION = "Does an upward chirp rise or fall in pitch?"
 DEMO_ANSWER = "rise"
 DEMO_CAPTION = "an upward chirp"
+# a request of the kind the demo's reasoning conversations hold
+REASONING_REQUEST = f"Generate {SoundRequest('tone', 1.5, 'loud', 'A4').caption()}."
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -51,8 +57,9 @@ def train_texts(raw: str) -> list[str]:
         texts += [json.loads(line)["caption"] for line in f]
     with open(os.path.join(raw, "af3.json"), encoding="utf-8") as f:
         texts += [c["value"] for d in json.load(f) for c in d["conversations"]]
+    from megatron_ualm.data.demo import reasoning_texts
     from megatron_ualm.formats.templates import DEFAULT_PROMPTS
-    return texts + list(DEFAULT_PROMPTS.values())
+    return texts + reasoning_texts(os.path.join(raw, "reasoning.jsonl")) + list(DEFAULT_PROMPTS.values())
 
 
 def read_losses(exp: str) -> dict[int, float]:
@@ -145,6 +152,9 @@ def main(argv=None) -> int:
         run(tool("data_tools/preprocess_audio.py") + ["--input", os.path.join(shards, kind), "--task", task,
                                                        "--codec", os.path.join(models, "codec"),
                                                        "--out", os.path.join(tok, task)] + common)
+    run(tool("data_tools/preprocess_audio.py") + ["--input", os.path.join(raw, "reasoning.jsonl"), "--task", "reasoning",
+                                                   "--codec", os.path.join(models, "codec"),
+                                                   "--out", os.path.join(tok, "reasoning")] + common)
 
     config = os.path.join(work, "config.yaml")
     with open(config, "w", encoding="utf-8") as f:
@@ -156,6 +166,7 @@ data:
     - {{path: {tok}/caption_to_audio, task: caption_to_audio, weight: 1}}
     - {{path: {tok}/audio_to_caption, task: audio_to_caption, weight: 1}}
     - {{path: {tok}/audio_to_conversation, task: audio_to_conversation, weight: 1}}
+    - {{path: {tok}/reasoning, task: reasoning, weight: 1}}
   valid:
     - {{path: {tok}/text_only, task: text_only}}
     - {{path: {tok}/audio_to_caption, task: audio_to_caption}}
@@ -191,15 +202,17 @@ checkpoint:
     with open(requests, "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": "question", "prompt": DEMO_QUESTION}) + "\n")
         f.write(json.dumps({"id": "tta", "caption": DEMO_CAPTION}) + "\n")
+        f.write(json.dumps({"id": "reason", "mode": "reasoning", "messages": [
+            {"role": "system", "content": REASONING_SYSTEM}, {"role": "user", "content": REASONING_REQUEST}]}) + "\n")
     answers_dir = os.path.join(work, "answers")
     run([sys.executable, "-m", "megatron_ualm.generate", "--checkpoint", hf, "--requests", requests,
-         "--out", answers_dir, f"tokenizer={models}/tokenizer", f"codec={models}/codec", "max_audio_seconds=3"])
+         "--out", answers_dir, f"tokenizer={models}/tokenizer", f"codec={models}/codec", "max_audio_seconds=3", "max_rounds=2"])
 
     with open(os.path.join(answers_dir, "answers.jsonl"), encoding="utf-8") as f:
         answers = {r["id"]: r for r in map(json.loads, f)}
     losses = read_losses(exp)
     first, last = losses[min(losses)], losses[max(losses)]
-    q, t = answers["question"], answers["tta"]
+    q, t, r = answers["question"], answers["tta"], answers["reason"]
     audio = [s for s in t.get("segments", []) if s.get("wav")]
     print("\n" + "=" * 72)
     print(f"UALM demo finished in {time.time() - started:.0f} s  (work dir: {work})")
@@ -214,8 +227,14 @@ checkpoint:
               f"{audio[0]['frames']} codec frames)")
     else:
         print(f"  TTA '{DEMO_CAPTION}': no audio ({t.get('error') or t.get('finish_reason')})")
+    from megatron_ualm.inference.outputs import format_transcript  # imports megatron-core: only here
+    print(f"  reasoning '{REASONING_REQUEST}':")
+    if r.get("status") == "ok":
+        print("    " + format_transcript(r).replace("\n", "\n    "))
+    else:
+        print(f"    no answer ({r.get('error')})")
     print("=" * 72)
-    ok = last < first and q.get("status") == "ok" and t.get("status") == "ok"
+    ok = last < first and all(x.get("status") == "ok" for x in (q, t, r))
     return 0 if ok else 1
 
 

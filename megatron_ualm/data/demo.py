@@ -230,6 +230,9 @@ class SoundRequest:
                 f"{self.seconds:g} s from start to end, no other sounds.")
 
 
+REASONING_SYSTEM = "Plan, generate, listen, then revise if needed."  # the system turn of every conversation
+
+
 def _flawed(req: SoundRequest, flaw: str) -> tuple[SoundRequest, str]:
     """(the first attempt, the critique that is true of it relative to ``req``)."""
     shift = lambda step: _REASON_NOTES[_REASON_NOTES.index(req.note) + step]  # noqa: E731
@@ -278,7 +281,7 @@ def reasoning_example(i: int, seed: int = 0) -> tuple[dict, dict]:
         clips[f"reasoning/r{i:05d}_b.wav"] = _request_sound(req, rng)
         answer.append({"audio_out": f"reasoning/r{i:05d}_b.wav"})
     conv = {"id": f"reason-{i:05d}", "flaw": flaw,
-            "messages": [{"role": "system", "content": "Plan, generate, listen, then revise if needed."},
+            "messages": [{"role": "system", "content": REASONING_SYSTEM},
                          {"role": "user", "content": f"Generate {req.caption()}."},
                          {"role": "assistant", "content": answer}]}
     return conv, clips
