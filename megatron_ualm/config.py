@@ -3,11 +3,13 @@
 A run is configured by a YAML file (examples/*.yaml; `base: other.yaml` inherits) plus dotted
 `key=value` overrides on the command line, e.g.
 
-    python -m megatron_ualm.training.train --config examples/qwen2.5-1.5b.yaml \\
+    python -m megatron_ualm.train --config examples/qwen2.5-1.5b.yaml \\
         parallel.tensor_parallel=2 training.train_iters=1000 model.encoder.path=null
 
-`load_config` / `parse_cli` return a validated `UALMConfig`; `save_config` writes the YAML that
-is kept next to every checkpoint and loads back to an equal object. Dataclass defaults are
+`python -m megatron_ualm.train --help` lists every setting with the trailing comment of its
+field below (megatron_ualm.config_help), and `--print-config` prints the resolved YAML.
+`load_config` / `parse_cli` return a validated `UALMConfig`; `save_config` writes the YAML
+that is kept next to every checkpoint and loads back to an equal object. Dataclass defaults are
 the published recipe (Qwen2.5-1.5B backbone, X-Codec 8 x 1024, Qwen2.5-Omni audio encoder).
 """
 from __future__ import annotations

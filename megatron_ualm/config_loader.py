@@ -214,12 +214,16 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def format_yaml(data: dict, header: str = "") -> str:
+    """`data` as YAML text (keys in their order), after an optional comment header."""
+    return (header.rstrip("\n") + "\n" if header else "") + yaml.safe_dump(
+        data, sort_keys=False, default_flow_style=False)
+
+
 def dump_yaml(data: dict, path: str, header: str = "") -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        if header:
-            f.write(header.rstrip("\n") + "\n")
-        yaml.safe_dump(data, f, sort_keys=False, default_flow_style=False)
+        f.write(format_yaml(data, header))
 
 
 # --- dotted overrides -----------------------------------------------------------------------

@@ -28,11 +28,14 @@ import subprocess
 import sys
 import time
 
-from megatron_ualm.data.demo import REASONING_SYSTEM, SoundRequest
+from megatron_ualm.data.demo import HELD_OUT_ANSWER, HELD_OUT_QUESTION, REASONING_SYSTEM, SoundRequest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_QUESTION = "Does an upward chirp rise or fall in pitch?"
-DEMO_ANSWER = "rise"
+DEMO_WORKDIR = "demo_run"      # default --workdir
+DEMO_TOKENIZED = "tokenized"   # <workdir>/tokenized/<task>: the tokenized datasets (examples/tiny.yaml)
+# Held out: the demo's training text never asks this (megatron_ualm.data.demo), only its pattern.
+DEMO_QUESTION = HELD_OUT_QUESTION
+DEMO_ANSWER = HELD_OUT_ANSWER
 DEMO_CAPTION = "an upward chirp"
 # a request of the kind the demo's reasoning conversations hold
 REASONING_REQUEST = f"Generate {SoundRequest('tone', 1.5, 'loud', 'A4').caption()}."
@@ -116,13 +119,13 @@ def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="demo_run", help="everything is written here (default: demo_run)")
+    p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"everything is written here (default: {DEMO_WORKDIR})")
     p.add_argument("--iters", type=int, default=600, help="training iterations")
     p.add_argument("--clips", type=int, default=48, help="demo audio clips")
     p.add_argument("--nproc", type=int, default=2, help="training processes (TP = nproc)")
     a = p.parse_args(argv)
     work = os.path.abspath(a.workdir)
-    raw, shards, models, tok = (os.path.join(work, d) for d in ("raw", "shards", "models", "tokenized"))
+    raw, shards, models, tok = (os.path.join(work, d) for d in ("raw", "shards", "models", DEMO_TOKENIZED))
     exp, hf = os.path.join(work, "run"), os.path.join(work, "hf")
     os.makedirs(work, exist_ok=True)
     started = time.time()

@@ -5,7 +5,8 @@
     out_dir/audio/clip_00000.{wav,flac}   1-3 s sounds in mixed rates/channels/formats
     out_dir/etta.jsonl                    text-to-audio: caption + [start_time, end_time) crop
     out_dir/af3.json                      understanding: Audio-Flamingo-3 list, some multi-turn
-    out_dir/text.jsonl                    text-only Q&A (arithmetic, facts about the sounds)
+    out_dir/text.jsonl                    text-only Q&A (arithmetic, facts about the sounds;
+                                          never HELD_OUT_QUESTION, which the demo asks)
     out_dir/reasoning.jsonl               UALM-Reason conversations: plan, clip, listen, critique,
     out_dir/reasoning/*.wav               revised clip (16 kHz mono tones and noise bursts)
 
@@ -37,6 +38,12 @@ KINDS = ("tone", "chord", "noise", "chirp", "beeps", "clicks")
 # (extension, sample rate, channels, soundfile subtype): cycled over clips.
 STORAGE = (("wav", 16000, 1, "PCM_16"), ("flac", 44100, 2, "PCM_16"), ("wav", 22050, 1, "PCM_16"),
            ("wav", 48000, 2, "PCM_24"), ("flac", 16000, 1, "PCM_16"))
+# The demo's generation test asks HELD_OUT_QUESTION, which no training example contains: the
+# text Q&A asks the same thing of other sweeping sounds ("Does an upward siren rise or fall in
+# pitch?") and of downward chirps, so the answer needs upward -> rise, not a memorised line.
+HELD_OUT_QUESTION = "Does an upward chirp rise or fall in pitch?"
+HELD_OUT_ANSWER = "rise"
+SWEEPS = ("chirp", "sweep", "glide", "siren", "slide")
 SPEECH_LINES = ("the cat sat on the mat", "a high tone then a low tone",
                 "listen to the rising chirp", "three short beeps", "white noise sounds like rain")
 
@@ -175,9 +182,7 @@ def _text_examples(rng, count: int) -> list[dict]:
             note = str(rng.choice(notes))
             q, ans = f"What is the frequency of {note} in hertz?", f"{NOTES[note]:g}"
         else:
-            word = "upward" if rng.integers(2) else "downward"
-            q = f"Does an {word} chirp rise or fall in pitch?"
-            ans = "rise" if word == "upward" else "fall"
+            q, ans = _sweep_question(rng)
         turns = [{"role": "user", "content": q}]
         if i % 11 == 0:  # an earlier exchange in the same conversation
             turns = [{"role": "user", "content": "What is 1 + 1?"},
@@ -186,6 +191,16 @@ def _text_examples(rng, count: int) -> list[dict]:
             turns.insert(0, {"role": "system", "content": "Answer with one word or number."})
         out.append({"input": turns, "output": ans})
     return out
+
+
+def _sweep_question(rng) -> tuple[str, str]:
+    """"Does an upward glide rise or fall in pitch?" and its answer, for any sweeping sound
+    and direction but the held-out pair (upward, chirp)."""
+    up = bool(rng.integers(2))
+    sound = str(rng.choice(SWEEPS[1:] if up else SWEEPS))  # SWEEPS[0] is the held-out chirp
+    q = f"Does {'an upward' if up else 'a downward'} {sound} rise or fall in pitch?"
+    assert q != HELD_OUT_QUESTION
+    return q, "rise" if up else "fall"
 
 
 def _speech_clips(audio_dir: str) -> list[tuple[str, str]]:

@@ -5,9 +5,12 @@ trainer does (``TokenizedDataset`` + ``formats.templates.layout``).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from megatron_ualm.data.indexed import TokenizedDataset
+from megatron_ualm.errors import UserError
 from megatron_ualm.formats import templates as T
 from megatron_ualm.formats import vocab as V
 from megatron_ualm.formats.vocab import UnifiedVocab
@@ -112,6 +115,17 @@ def _text(ids: np.ndarray, vocab: UnifiedVocab, decode_text) -> str:
     return " ".join(out)
 
 
+def recorded_codec(ds: TokenizedDataset) -> str | None:
+    """The codec the dataset was tokenized with, as its .meta.json records it ("tiny" or a
+    directory); None if it holds no codec codes. A recorded directory that is gone is a
+    UserError saying so and asking for --codec."""
+    path = (ds.meta.get("codec") or {}).get("path")
+    if path is None or path == "tiny" or os.path.isdir(path):
+        return path
+    raise UserError(f"{ds.prefix}.meta.json: the dataset was tokenized with the codec {path}, which is "
+                    "not a directory here; pass --codec DIR (the same XcodecModel) to decode its audio")
+
+
 def example_audio(ds: TokenizedDataset, index: int, codec=None) -> np.ndarray:
     """float32 16 kHz audio of an example: its first continuous clip, else its first codec
     segment decoded with ``codec`` (prefers the target)."""
@@ -122,7 +136,8 @@ def example_audio(ds: TokenizedDataset, index: int, codec=None) -> np.ndarray:
     codecs = sorted((s for s in segments if s.mode in (T.MODE_CODEC, T.MODE_CODEC_TARGET)),
                     key=lambda s: s.mode != T.MODE_CODEC_TARGET)
     if not codecs:
-        raise ValueError(f"example {index} of {ds.prefix} holds no audio")
+        raise UserError(f"{ds.prefix}: example {index} holds no audio; pick another --example for --wav-out")
     if codec is None:
-        raise ValueError(f"example {index} holds codec codes: pass --codec to decode them")
+        raise UserError(f"{ds.prefix}: example {index} holds codec codes and the dataset records no "
+                        "codec; pass --codec DIR to decode them")
     return codec.decode(codecs[0].data.reshape(codec.num_codebooks, -1))
