@@ -244,7 +244,14 @@ def main(argv=None) -> int:
     for part, fn in (("gemm", part_gemm), ("step", part_step), ("loss", part_loss)):
         if part in args.parts.split(","):
             t = time.perf_counter()
-            result[part] = fn(args, device)
+            try:
+                result[part] = fn(args, device)
+            except Exception as e:  # one part's failure (e.g. out of memory) keeps the others' results
+                if args.tiny:
+                    raise
+                result[part] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{part}: FAILED {type(e).__name__}: {e}", flush=True)
+                _free(device)
             result[f"{part}_seconds"] = time.perf_counter() - t
             with open(os.path.join(args.out, "fp8_ab.json"), "w") as f:  # after each part: partial results survive
                 json.dump(result, f, indent=1)

@@ -239,9 +239,10 @@ def test_fp8_linear_is_close_to_bf16_on_gpu(recipe):
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    # normwise error of random-sign rounding: ~ e4m3's 2^-4 / sqrt(3) per operand, far below it
+    # normwise error of independent roundings of both operands: ~sqrt(2) x the rms relative
+    # rounding error of e4m3 (~2^-3 / sqrt(12) / 1.44 = 0.025); the CPU emulation of this call
+    # (1024 tokens) gives 0.037 forward and 0.059 for the input gradient (e5m2: one mantissa
+    # bit less); bf16 gives 0.0017
     assert rel(y, X @ W.t()) < 0.05
-    assert rel(xr.grad, DY @ W) < 0.08  # e5m2 gradient: one mantissa bit less
-    assert rel(main_grad, 3 * (DY.t() @ X)) < 1e-2  # bf16 GEMM accumulated in fp32
-    bf16_y = (x @ w.t()).double()
-    assert rel(y, X @ W.t()) < 20 * max(rel(bf16_y, X @ W.t()), 2 ** -9)
+    assert rel(xr.grad, DY @ W) < 0.08
+    assert rel(main_grad, 3 * (DY.t() @ X)) < 1e-3  # bf16 operands, fp32 accumulation in place

@@ -150,7 +150,7 @@ def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
     h = past.numel()
     grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
     _cast_kernel[grid](x, out, past, amax_out, inv, n, FP8_MAX[dtype], 2.0 ** -margin,
-                       H=h, HP=triton.next_power_of_2(h), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                       H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, inv
 
 
