@@ -114,7 +114,7 @@ if HAVE_TRITON:
         # grid-stride loop: few programs, so few atomics on the one amax address
         local = tl.zeros([BLOCK], dtype=tl.float32)
         for blk in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
-            offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
             inside = offs < n
             x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max)
