@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU (H100/H200), one call, < 8 minutes: the FP8 GPU tests, then benchmarks/fp8_ab.py
 # (per-layer GEMM + cast timings, training tokens/s bf16 vs fp8 for the 1.5B shape and the 7B width
-# with 8 layers, a 250-step loss curve bf16 vs fp8). Needs a megatron-core cp312 wheel in $WHEELS
+# with 8 layers, a 220-step loss curve bf16 vs fp8). Needs a megatron-core cp312 wheel in $WHEELS
 # (default .whl/mcore) and soundfile + cffi + pycparser wheels in .whl (the test conftest imports
 # audio I/O). Results under ${OUT:-benchmarks/results}: fp8_ab.json, fp8_console.txt, fp8_gpu_tests.log.
 #   bash benchmarks/gpu_fp8.sh

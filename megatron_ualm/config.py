@@ -157,8 +157,8 @@ class TrainingConfig:
     fp8: bool = False                # FP8 GEMMs (torch._scaled_mm) in the decoder's QKV, output
     #                                  projection, fc1 and fc2: e4m3 activations/weights, e5m2
     #                                  gradients, per-tensor scales; the rest stays bf16. Needs
-    #                                  precision=bf16, tensor_parallel=1 and a GPU with FP8 tensor
-    #                                  cores (Hopper); elsewhere the run stops with a one-line error
+    #                                  precision=bf16 and a GPU with FP8 tensor cores (Hopper);
+    #                                  elsewhere the run stops with a one-line error
     fp8_scaling: Literal["delayed", "current"] = "delayed"  # activations and weights: delayed =
     #                                  scale from the largest amax of the last 16 steps (one pass
     #                                  per cast), current = from the tensor's own amax (an extra
@@ -334,9 +334,6 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
     # FP8 (the GPU itself is checked when the model is built: providers.build_model).
     if t.fp8 and t.precision != "bf16":
         raise ConfigError(f"training.fp8: needs training.precision=bf16, got {t.precision}")
-    if t.fp8 and tp > 1:
-        raise ConfigError(f"training.fp8: needs parallel.tensor_parallel=1 (the FP8 GEMM does not carry "
-                          f"the TP communication yet), got {tp}")
     if t.fp8_scaling not in ("delayed", "current"):
         raise ConfigError(f"training.fp8_scaling: must be delayed or current, got {t.fp8_scaling!r}")
 

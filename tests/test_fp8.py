@@ -2,8 +2,8 @@
 
 CPU: the scaling math (scale from amax, round trip within the format's precision,
 saturation, delayed history), the emulated FP8 linear against float64 with tolerances from
-the formats' mantissa bits, the layer spec switch, and the documented refusals (fp32,
-TP > 1, no FP8 GPU). GPU (``gpu`` mark): the Triton cast equals the PyTorch cast bit for
+the formats' mantissa bits, the layer spec switch, and the documented refusals (fp32, no
+FP8 GPU). TP = 2 with and without SP: ``tests/test_model_parallel.py``. GPU (``gpu`` mark): the Triton cast equals the PyTorch cast bit for
 bit; the FP8 linear's output and gradients are close to bf16's.
 """
 from __future__ import annotations
@@ -175,17 +175,15 @@ def test_fp8_layers_in_the_model_and_their_loss_stays_close_to_the_plain_model(r
     assert (linears[0].fp8_state[:, 0] > 0).all() and (linears[0].fp8_state[:, -1] == 0).all()
 
 
-def test_config_refuses_fp8_without_bf16_or_with_tensor_parallelism():
+def test_config_refuses_fp8_without_bf16():
     from megatron_ualm.config import ConfigError, UALMConfig, validate
     cfg = UALMConfig()
     cfg.training.fp8 = True
-    validate(cfg)  # bf16, TP=1: accepted
+    validate(cfg)  # bf16: accepted
+    cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel = 2, True
+    validate(cfg)  # so is TP + SP (tests/test_model_parallel.py runs it)
     cfg.training.precision = "fp32"
     with pytest.raises(ConfigError, match=r"^training.fp8: needs training.precision=bf16, got fp32$"):
-        validate(cfg)
-    cfg.training.precision = "bf16"
-    cfg.parallel.tensor_parallel = 2
-    with pytest.raises(ConfigError, match=r"^training.fp8: needs parallel.tensor_parallel=1"):
         validate(cfg)
 
 

@@ -32,6 +32,11 @@ a delayed history with a wrong amax. Delayed is the default for the rest because
 40% fewer bytes per cast for the same GEMM (``benchmarks/fp8_ab.py`` measures both recipes
 on the layer shapes).
 
+Tensor and sequence parallelism: the FP8 GEMM sits where megatron's local matmul was and does
+the communication megatron's GEMM function does (all-gather of the sequence before it,
+all-reduce or reduce-scatter of the input gradient after it); each rank scales its own
+weight shard and input, so TP results equal TP=1 up to FP8 rounding.
+
 On CPU (tests) the cast is the same math in plain PyTorch (``cast_reference``) and
 ``scaled_mm`` emulates ``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses
 ``training.fp8`` without an FP8-capable GPU, the emulation is for checking the math.
@@ -185,13 +190,34 @@ def scaled_mm(a: Tensor, b: Tensor, a_inv: Tensor, b_inv: Tensor, out_dtype: tor
     return ((a.float() * a_inv) @ (b.float() * b_inv)).to(out_dtype)
 
 
+def _gather_sequence(x: Tensor, group) -> Tensor:
+    """All ranks' x concatenated along dim 0 (sequence parallelism's all-gather)."""
+    out = torch.empty((x.shape[0] * group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _scatter_sequence(x: Tensor, group) -> Tensor:
+    """This rank's part (dim 0) of the sum of all ranks' x (sequence parallelism's reduce-scatter)."""
+    out = torch.empty((x.shape[0] // group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
 class FP8Linear(torch.autograd.Function):
     """``y = x @ W^T (+ b)`` with FP8 forward and input-gradient GEMMs (module docstring).
     x [..., in] (bf16), W [out, in]; ``main_grad``: W's fp32 buffer to accumulate dW into,
-    or None (dW returned)."""
+    or None (dW returned). ``tp``: None, or (group, allreduce_dgrad, sequence_parallel) of
+    megatron's linear layer: the same communication as megatron's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` (all-gather of x along the sequence
+    before the GEMM; all-reduce or reduce-scatter of dx after it), synchronous."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, main_grad, state, seeded, recipe):
+    def forward(ctx, x, weight, bias, main_grad, state, seeded, recipe, tp=None):
+        group, allreduce_dgrad, sequence_parallel = tp or (None, False, False)
+        ctx.tp = group, allreduce_dgrad, sequence_parallel
+        if sequence_parallel:
+            x = _gather_sequence(x, group)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x8, x_inv = cast_scaled(x2, state, INPUT, recipe, seeded)
@@ -225,15 +251,21 @@ class FP8Linear(torch.autograd.Function):
                 make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
                 grad_weight = make(main_grad.shape, dtype=x2.dtype, device=x2.device)
                 weight.grad_added_to_main_grad = True
-        return dx.reshape(ctx.shape), grad_weight, grad_bias, None, None, None, None
+        dx = dx.reshape(ctx.shape)
+        group, allreduce_dgrad, sequence_parallel = ctx.tp
+        if allreduce_dgrad:
+            torch.distributed.all_reduce(dx, group=group)
+        elif sequence_parallel:
+            dx = _scatter_sequence(dx, group)
+        return dx, grad_weight, grad_bias, None, None, None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor, seeded: list,
-               recipe: str = "delayed", main_grad: Optional[Tensor] = None) -> Tensor:
+               recipe: str = "delayed", main_grad: Optional[Tensor] = None, tp=None) -> Tensor:
     """The FP8 linear layer as a function (see ``FP8Linear``)."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r} not in {RECIPES}")
-    return FP8Linear.apply(x, weight, bias, main_grad, state, seeded, recipe)
+    return FP8Linear.apply(x, weight, bias, main_grad, state, seeded, recipe, tp)
 
 
 def supported(device=None) -> bool:
@@ -246,16 +278,17 @@ def supported(device=None) -> bool:
 # --- megatron's linear layers with the FP8 GEMM ---------------------------------------------------
 class _FP8Mixin:
     """Replaces the local matmul inside megatron's ``_forward_impl``; everything around it
-    (weights, TP communication, bias handling) is megatron's. Falls back to megatron's
-    GEMM for what the FP8 path does not cover: frozen weights, tensor/sequence-parallel
-    communication inside the GEMM, deferred weight gradients, non-bf16 inputs, dimensions
-    that are not multiples of 16 (``_scaled_mm``'s requirement)."""
+    (weights, the TP communication of the layer's forward, bias handling) is megatron's, and
+    the communication megatron does inside its GEMM function (sequence-parallel all-gather,
+    input-gradient all-reduce / reduce-scatter) is done the same way by ``FP8Linear``. Falls
+    back to megatron's GEMM for what the FP8 path does not cover: frozen weights, deferred
+    weight gradients, inputs other than bf16/fp32, dimensions that are not multiples of 16
+    (``_scaled_mm``'s requirement)."""
 
     fp8_recipe = "delayed"
 
     def _fp8_ready(self, input, weight, kwargs) -> bool:
         return (weight.requires_grad and input.dtype in (torch.bfloat16, torch.float32)
-                and not kwargs.get("allreduce_dgrad") and not kwargs.get("sequence_parallel")
                 and kwargs.get("grad_output_buffer") is None and (kwargs.get("gtp_remat_size") or 1) == 1
                 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
                 and (input.numel() // max(input.shape[-1], 1)) % 16 == 0)
@@ -270,7 +303,12 @@ class _FP8Mixin:
             self.fp8_state, self.fp8_seeded, self.fp8_steps = new_state(input.device), [False] * 3, 0
             state = self.fp8_state
         main_grad = weight.main_grad if kwargs.get("gradient_accumulation_fusion") and hasattr(weight, "main_grad") else None
-        return fp8_linear(input, weight, kwargs.get("bias"), state, self.fp8_seeded, self.fp8_recipe, main_grad)
+        tp = None
+        if kwargs.get("allreduce_dgrad") or kwargs.get("sequence_parallel"):
+            from megatron.core import parallel_state
+            group = kwargs.get("tp_group") or parallel_state.get_tensor_model_parallel_group()
+            tp = (group, bool(kwargs.get("allreduce_dgrad")), bool(kwargs.get("sequence_parallel")))
+        return fp8_linear(input, weight, kwargs.get("bias"), state, self.fp8_seeded, self.fp8_recipe, main_grad, tp)
 
     def fp8_end_step(self) -> None:
         """The current step's amax values join the history (delayed scaling)."""
