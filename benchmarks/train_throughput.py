@@ -118,7 +118,7 @@ def build_ualm(args, shape, device):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
     from megatron_ualm.config import EncoderConfig, ModelConfig
-    from megatron_ualm.model import fusions
+    from megatron_ualm.model import fp8, fusions
     from megatron_ualm.model.fusions import scope
     from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.model.transformer_config import transformer_config_from
@@ -134,7 +134,7 @@ def build_ualm(args, shape, device):
                       encoder=EncoderConfig(kind="none"))
     wgrad = args.optimizer == "megatron" and not (reference or getattr(args, "no_wgrad_fusion", False))
     config = transformer_config_from(cfg, None, precision, use_cpu_initialization=device.type == "cpu",
-                                     wgrad_fusion=wgrad)
+                                     wgrad_fusion=wgrad, fp8=getattr(args, "fp8", None))
     model = UALMModel(cfg, config).to(device)
     if reference or getattr(args, "no_fused_ce", False):
         model.head.fused_ce = False
@@ -142,7 +142,7 @@ def build_ualm(args, shape, device):
         module = Float16Module(config, model) if args.bf16 else model
         ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=module)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.1, bf16=args.bf16,
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=getattr(args, "lr", 1e-5), weight_decay=0.1, bf16=args.bf16,
                                                      use_distributed_optimizer=True, clip_grad=1.0), [ddp])
         if not (reference or getattr(args, "no_fast_optimizer", False)):
             fast_optimizer.speed_up(opt, clip_in_adam=not getattr(args, "no_clip_in_adam", False))
@@ -154,7 +154,7 @@ def build_ualm(args, shape, device):
         net = ddp
     else:
         net = model
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1,
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=getattr(args, "lr", 1e-5), weight_decay=0.1,
                                 fused=device.type == "cuda")
 
     no_plan = reference or getattr(args, "no_host_plan", False)
@@ -189,6 +189,7 @@ def build_ualm(args, shape, device):
                     finalize_model_grads([ddp])
             with scope("ualm.optimizer"):
                 opt.step()
+            fp8.end_step(model)  # --fp8 delayed scaling: this step's amax joins the history
 
         return Phases(zero_grad, forward, backward, optimizer)
 
@@ -335,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the decoder eagerly instead of replaying its captured CUDA graphs "
                         "(the trainer's training.cuda_graphs)")
+    p.add_argument("--fp8", default=None, choices=["delayed", "current"],
+                   help="FP8 GEMMs in the decoder's linear layers with this scaling (training.fp8)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 instead of bf16")
     p.add_argument("--only", choices=["ualm", "hf"], default=None)
     p.add_argument("--min-doc", type=int, default=None, help="shortest packed example (rows)")

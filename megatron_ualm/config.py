@@ -157,6 +157,15 @@ class TrainingConfig:
     #                                  optimizer, compiled code) from Python's GC scans: shorter pauses
     cuda_graphs: bool = True         # replay the decoder layers as CUDA graphs (GPU, TP=PP=CP=1, no
     #                                  recompute or dropout; else eager, and the log says why)
+    fp8: bool = False                # FP8 GEMMs (torch._scaled_mm) in the decoder's QKV, output
+    #                                  projection, fc1 and fc2: e4m3 activations/weights, e5m2
+    #                                  gradients, per-tensor scales; the rest stays bf16. Needs
+    #                                  precision=bf16 and a GPU with FP8 tensor cores (Hopper);
+    #                                  elsewhere the run stops with a one-line error
+    fp8_scaling: Literal["delayed", "current"] = "delayed"  # activations and weights: delayed =
+    #                                  scale from the largest amax of the last 16 steps (one pass
+    #                                  per cast), current = from the tensor's own amax (an extra
+    #                                  read per cast); gradients always use current
 
 
 @dataclass
@@ -328,6 +337,12 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
     if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
         raise ConfigError("parallel.overlap_param_gather: needs parallel.use_distributed_optimizer "
                           "and parallel.overlap_grad_reduce both true; allowed otherwise: false")
+
+    # FP8 (the GPU itself is checked when the model is built: providers.build_model).
+    if t.fp8 and t.precision != "bf16":
+        raise ConfigError(f"training.fp8: needs training.precision=bf16, got {t.precision}")
+    if t.fp8_scaling not in ("delayed", "current"):
+        raise ConfigError(f"training.fp8_scaling: must be delayed or current, got {t.fp8_scaling!r}")
 
     # Batch split.
     if t.global_batch_size % t.micro_batch_size:

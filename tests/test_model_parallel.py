@@ -48,7 +48,7 @@ SHAPE = dict(codebook_size=255)
 
 
 def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = "codebook",
-         wgrad_fusion: bool = False) -> dict:
+         wgrad_fusion: bool = False, fp8: str | None = None) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_ualm.config import ParallelConfig
@@ -62,7 +62,7 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
     cfg = tiny_model_cfg(recompute=recompute, audio_head=audio_head, **SHAPE)
     config = transformer_config_from(cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
                                                          sequence_parallel=sp), "fp32",
-                                     wgrad_fusion=wgrad_fusion)
+                                     wgrad_fusion=wgrad_fusion, fp8=fp8)
     model = build_ualm_model(cfg, config)
     vocab = model.vocab
     full = _full_state(cfg)
@@ -188,3 +188,30 @@ def test_pipeline_parallel_matches_single_process(baseline):
 
 def test_tp2_pp2_sequence_parallel_matches_single_process(baseline):
     _compare(run_distributed(_run, 4, 2, 2, True, "selective"), baseline)
+
+
+def test_fp8_tensor_and_sequence_parallel_match_single_process_within_fp8_rounding():
+    """FP8 linear layers (emulated on CPU) under TP=2 and TP=2 + SP: the FP8 GEMM does megatron's
+    communication (sequence all-gather, input-gradient all-reduce / reduce-scatter). Each rank
+    scales its own weight shard and input, so the results are the TP=1 FP8 results up to FP8
+    rounding (a missing reduction would be off by the other rank's whole share)."""
+    from megatron_ualm.model import fp8
+    base = run_distributed(_run, 1, 1, 1, False, "none", "codebook", True, "delayed")
+    want = _assemble(base)
+    e4 = 2.0 ** -(fp8.MANTISSA_BITS[fp8.E4M3] + 1)
+    for sp in (False, True):
+        results = run_distributed(_run, 2, 2, 1, sp, "none", "codebook", True, "delayed")
+        got = _assemble(results)
+        losses = [r["loss"] for r in results if r["loss"] is not None]
+        assert losses and all(abs(loss - base[0]["loss"]) / base[0]["loss"] < e4 / 8 for loss in losses)
+        for r in results:  # every decoder linear weight went through the FP8 GEMM's fused wgrad
+            assert any(n.endswith("linear_fc1.weight") for n in r["fused"])
+        size = results[0]["vocab_size"]
+        for name in want:
+            g, w = got[name], want[name]
+            if name in ("embedding.word_embeddings.weight", "head.output_layer.weight"):
+                g, w = g[:size], w[:size]
+            if not torch.count_nonzero(w):
+                continue
+            rel = ((g - w).norm() / w.norm()).item()
+            assert rel < 4 * e4, (sp, name, rel)

@@ -1,7 +1,9 @@
 """The Qwen2 decoder layer as a megatron ``ModuleSpec``.
 
-Megatron's own modules everywhere except two seams:
+Megatron's own modules everywhere except these seams:
 * the norm is :class:`~megatron_ualm.model.norm.RMSNorm` (supports sequence parallelism);
+* with ``training.fp8`` the four linear layers are FP8 subclasses of megatron's
+  (``fp8.py``: the local matmul becomes ``torch._scaled_mm``);
 * core attention is :class:`~megatron_ualm.model.attention.UALMCoreAttention` (SDPA /
   FlexAttention / TE backends, packed-example masks) instead of megatron's unfused
   baddbmm path.
@@ -16,7 +18,6 @@ import logging
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from megatron_ualm.mcore_compat import mlp_submodule
 from megatron_ualm.model import fusions
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
+from megatron_ualm.model.fp8 import linear_classes
 from megatron_ualm.model.norm import RMSNorm
 from megatron_ualm.model.swiglu import fused_swiglu, swiglu_reference
 
@@ -66,8 +68,11 @@ class SwiGLUMLP(MLP):
         return self.linear_fc2(intermediate)
 
 
-def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None) -> ModuleSpec:
-    """One Qwen2 transformer layer (pre-norm attention + pre-norm SwiGLU MLP)."""
+def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None,
+                     fp8: Optional[str] = None) -> ModuleSpec:
+    """One Qwen2 transformer layer (pre-norm attention + pre-norm SwiGLU MLP). ``fp8``: None
+    (bf16 GEMMs) or the FP8 scaling recipe of the four linear layers (``fp8.py``)."""
+    column, row = linear_classes(fp8)
     core_attention = ModuleSpec(module=UALMCoreAttention,
                                 params={"backend": attention_backend, "mask_cache": mask_cache})
     return ModuleSpec(
@@ -78,17 +83,16 @@ def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskC
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=column,
                     core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=row,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=mlp_submodule(SwiGLUMLP, MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                       linear_fc2=RowParallelLinear)),
+            mlp=mlp_submodule(SwiGLUMLP, MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -96,7 +100,8 @@ def qwen2_layer_spec(attention_backend: str = "auto", mask_cache: Optional[MaskC
 
 def qwen2_block_spec(config, attention_backend: str = "auto", mask_cache: Optional[MaskCache] = None,
                      vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage (and virtual stage) builds, plus the final RMSNorm."""
-    layer = qwen2_layer_spec(attention_backend, mask_cache)
+    """The layers this pipeline stage (and virtual stage) builds, plus the final RMSNorm.
+    FP8 linear layers when ``transformer_config_from(..., fp8=recipe)`` made ``config``."""
+    layer = qwen2_layer_spec(attention_backend, mask_cache, getattr(config, "ualm_fp8", None))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)

@@ -26,7 +26,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32", *,
                             use_cpu_initialization: Optional[bool] = None,
                             perform_initialization: bool = True,
-                            wgrad_fusion: bool = False) -> TransformerConfig:
+                            wgrad_fusion: bool = False, fp8: Optional[str] = None) -> TransformerConfig:
     """Build the megatron ``TransformerConfig`` of the UALM decoder.
 
     model_cfg: ``megatron_ualm.config.ModelConfig`` (sizes, init std, recompute, backend).
@@ -37,6 +37,9 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
     wgrad_fusion: linear layers accumulate weight gradients straight into the fp32
         ``main_grad`` buffers (``wgrad_fusion.py``); only for models wrapped in megatron's DDP,
         whose trainable weights all have ``main_grad``.
+    fp8: None, or the FP8 scaling recipe ("delayed" | "current") of the decoder's linear
+        layers (``fp8.py``); kept as ``config.ualm_fp8`` for the layer spec (megatron's own
+        ``fp8`` field means TransformerEngine and stays off).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {sorted(PRECISIONS)}")
@@ -64,7 +67,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
     elif model_cfg.recompute != "none":
         raise ValueError(f"recompute {model_cfg.recompute!r} not in ('none', 'selective', 'full')")
 
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         ffn_hidden_size=model_cfg.ffn_hidden_size,
@@ -106,3 +109,5 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         perform_initialization=perform_initialization,
         **recompute,
     )
+    config.ualm_fp8 = fp8
+    return config

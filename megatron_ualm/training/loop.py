@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ualm.config import DataConfig, save_config
 from megatron_ualm.data.loader import collate
 from megatron_ualm.formats.templates import TASKS
+from megatron_ualm.model import fp8
 from megatron_ualm.model.batch import host_plan
 from megatron_ualm.model.loss import loss_metrics, loss_sums
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
@@ -192,6 +193,7 @@ def train_step(cfg, chunks, optimizer, scheduler, batches, device, seq_length):
         optimizer.zero_grad()
         return total, None, "nonfinite"
     ok, grad_norm, _ = optimizer.step()
+    fp8.end_step(*chunks)  # training.fp8, delayed scaling: this step's amax joins the history
     if ok:
         scheduler.step(increment=1)
     return total, grad_norm, "ok" if ok else "overflow"

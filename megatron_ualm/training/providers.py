@@ -20,6 +20,7 @@ from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.blending import BlendSchedule
 from megatron_ualm.data.loader import PackedRows, RowSettings
 from megatron_ualm.formats.templates import TASKS
+from megatron_ualm.model import fp8
 from megatron_ualm.training import fast_optimizer
 from megatron_ualm.training.cuda_graphs import enable_decoder_graph
 from megatron_ualm.model.transformer_config import transformer_config_from
@@ -54,8 +55,13 @@ def build_model(cfg, runtime):
     """Model chunks of this rank (one per virtual pipeline stage), wrapped in Float16Module
     (bf16) and Megatron DDP with fp32 gradient buffers."""
     # every trainable weight gets a DDP main_grad below, so weight gradients accumulate into it
+    if cfg.training.fp8 and (runtime.is_cpu or not fp8.supported()):
+        where = "CPU" if runtime.is_cpu else torch.cuda.get_device_name()
+        raise ConfigError(f"training.fp8: needs a GPU with FP8 tensor cores (compute capability >= 8.9, "
+                          f"e.g. H100/H200), this run has {where}; set training.fp8=false")
     tconfig = transformer_config_from(cfg.model, cfg.parallel, cfg.training.precision,
-                                      use_cpu_initialization=runtime.is_cpu, wgrad_fusion=True)
+                                      use_cpu_initialization=runtime.is_cpu, wgrad_fusion=True,
+                                      fp8=cfg.training.fp8_scaling if cfg.training.fp8 else None)
     # The loss is a sum over targets divided once by the global target count (SPEC section 5):
     # megatron then scales gradients by 1 / (stream-0 targets across micro-batches and DP).
     tconfig.calculate_per_token_loss = True

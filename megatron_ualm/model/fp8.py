@@ -1,0 +1,356 @@
+"""FP8 matrix multiplies for the decoder's linear layers (``training.fp8``).
+
+The four linear layers of every decoder layer (QKV, attention output projection, fc1, fc2)
+multiply in FP8 through ``torch._scaled_mm`` (Hopper tensor cores); everything else stays
+bf16 (embedding, head, norms, attention core, SwiGLU, encoder). Per linear layer:
+
+* forward  ``y = x @ W^T``: x and W cast to e4m3 (3 mantissa bits, range +-448);
+* backward ``dx = dy @ W``: dy cast to e5m2 (2 mantissa bits, range +-57344), W reused from
+  the forward (e4m3); Hopper multiplies e5m2 x e4m3 (not e5m2 x e5m2);
+* backward ``dW = dy^T @ x`` stays bf16 and accumulates into the fp32 ``main_grad`` inside the
+  GEMM, as the bf16 path does (``wgrad_fusion.py``): an FP8 weight gradient would need
+  transposed FP8 copies of dy and x and an fp32 add into ``main_grad`` after ``_scaled_mm``
+  (which cannot accumulate), so a third of the layer GEMMs keep bf16 speed.
+
+Scaling is per tensor: ``q = saturate(x * s)`` with ``s = fp8_max / amax / 2**margin`` and
+the GEMM de-scales with ``1 / s``. Two recipes (``training.fp8_scaling``):
+
+* ``delayed`` (default) for activations and weights: s comes from the largest amax of the
+  last ``HISTORY`` optimizer steps; the cast kernel reads x once, writes the FP8 tensor once
+  and folds this call's amax into the history's "current" slot with an atomic max (one Triton
+  kernel, 3 bytes moved per bf16 element). ``end_step`` (the trainer calls it after each
+  optimizer step) moves the current amax into the history. A tensor's first call has no
+  history: it is scaled from its own amax (one extra read), which seeds the history. Values
+  above the delayed range saturate at fp8_max instead of overflowing.
+* ``current``: s from this tensor's own amax every call: a reduction pass (read) then the
+  cast kernel (read + write): 5 bytes per bf16 element, no state.
+
+Gradients use current scaling under both recipes: their magnitude moves fastest (learning
+rate warm-up, loss normalisation), and the eager warm-up before a CUDA-graph capture
+(``training/cuda_graphs.py``) back-propagates a synthetic gradient of ones, which would seed
+a delayed history with a wrong amax. Delayed is the default for the rest because it moves
+40% fewer bytes per cast for the same GEMM (``benchmarks/fp8_ab.py`` measures both recipes
+on the layer shapes).
+
+Tensor and sequence parallelism: the FP8 GEMM sits where megatron's local matmul was and does
+the communication megatron's GEMM function does (all-gather of the sequence before it,
+all-reduce or reduce-scatter of the input gradient after it); each rank scales its own
+weight shard and input, so TP results equal TP=1 up to FP8 rounding.
+
+On CPU (tests) the cast is the same math in plain PyTorch (``cast_reference``) and
+``scaled_mm`` emulates ``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses
+``training.fp8`` without an FP8-capable GPU, the emulation is for checking the math.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megatron_ualm.model import fusions
+from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # None without Triton
+from megatron_ualm.model.wgrad_fusion import _accumulate
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}  # 448, 57344
+MANTISSA_BITS = {E4M3: 3, E5M2: 2}
+HISTORY = 16          # optimizer steps of amax kept for delayed scaling
+MARGIN = 0            # scale = fp8_max / amax / 2**MARGIN
+RECIPES = ("delayed", "current")
+INPUT, WEIGHT, GRAD = 0, 1, 2  # rows of a layer's amax state
+FORMATS = (E4M3, E4M3, E5M2)   # per row: the FP8 format of that tensor
+
+
+# --- scaling math (pure functions) -----------------------------------------------------------
+def scale_from_amax(amax: Tensor, fp8_max: float, margin: int = MARGIN) -> Tensor:
+    """float32 scale ``fp8_max / amax / 2**margin`` (``q = x * scale`` fits the FP8 range);
+    1 where amax is 0 or not finite (nothing to scale from)."""
+    amax = amax.float()
+    scale = torch.full_like(amax, fp8_max) / amax * (2.0 ** -margin)
+    return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
+
+
+def quantize(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``saturate(x * scale)`` in FP8: float32 product, clamped to +-fp8_max (no inf), rounded
+    to nearest even by the cast."""
+    m = FP8_MAX[dtype]
+    return (x.float() * scale).clamp(-m, m).to(dtype)
+
+
+def amax_of(x: Tensor) -> Tensor:
+    """max |x| as a float32 scalar tensor (one read of x)."""
+    return torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32) if x.numel() else x.new_zeros((), dtype=torch.float32)
+
+
+def new_state(device, history: int = HISTORY) -> Tensor:
+    """A layer's amax state: float32 [3 (input, weight, grad), history + 1]; columns
+    0..history-1 are past steps, the last column collects the current step's amax."""
+    return torch.zeros(3, history + 1, dtype=torch.float32, device=device)
+
+
+def roll_history(state: Tensor, step: int) -> None:
+    """After optimizer step ``step`` (0-based): the current column replaces the oldest past
+    one (slot ``step % history``) and is cleared. Only the max of the past columns is used,
+    so their order does not matter."""
+    history = state.shape[-1] - 1
+    state[:, step % history].copy_(state[:, history])
+    state[:, history].zero_()
+
+
+# --- the fused cast ----------------------------------------------------------------------------
+if HAVE_TRITON:
+    @triton.jit
+    def _cast_kernel(x_ptr, out_ptr, past_ptr, amax_ptr, inv_ptr, n, fp8_max, margin_mult,
+                     H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+        # scale from the past amax values (every program computes the same one)
+        hs = tl.arange(0, HP)
+        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
+        ok = (past > 0.0) & (past < float("inf"))
+        scale = tl.where(ok, tl.math.div_rn(fp8_max, tl.where(ok, past, 1.0)) * margin_mult, 1.0)
+        pid = tl.program_id(0)
+        if pid == 0:
+            tl.store(inv_ptr, tl.math.div_rn(1.0, scale))
+        # grid-stride loop: few programs, so few atomics on the one amax address
+        local = tl.zeros([BLOCK], dtype=tl.float32)
+        for blk in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
+            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < n
+            x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+            local = tl.maximum(local, tl.abs(x))
+        tl.atomic_max(amax_ptr, tl.max(local, axis=0))
+
+
+BLOCK, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
+
+
+def _programs(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+
+
+def cast_reference(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
+                   margin: int = MARGIN) -> tuple[Tensor, Tensor]:
+    """What the kernel does, in PyTorch: (FP8 tensor, float32 [1] de-scale ``1 / scale``)
+    with scale from ``max(past)``; ``amax_out`` (float32 [1]) becomes max(amax_out, max|x|)."""
+    scale = scale_from_amax(past.max().reshape(1), FP8_MAX[dtype], margin)
+    q = quantize(x, scale, dtype)
+    amax_out.copy_(torch.maximum(amax_out, amax_of(x).reshape(1)))
+    return q, torch.reciprocal(scale)
+
+
+def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
+                margin: int = MARGIN) -> tuple[Tensor, Tensor]:
+    """The Triton kernel (CUDA): same contract as ``cast_reference``; x contiguous."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    inv = torch.empty(1, dtype=torch.float32, device=x.device)
+    n = x.numel()
+    h = past.numel()
+    grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
+    _cast_kernel[grid](x, out, past, amax_out, inv, n, FP8_MAX[dtype], 2.0 ** -margin,
+                       H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out, inv
+
+
+def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The Triton kernel for CUDA tensors (fusions enabled), ``cast_reference`` elsewhere."""
+    if x.is_cuda and HAVE_TRITON and fusions.ENABLED:
+        return cast_kernel(x, past, amax_out, dtype)
+    return cast_reference(x, past, amax_out, dtype)
+
+
+def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, seeded: list) -> tuple[Tensor, Tensor]:
+    """Cast x for state row ``row`` under ``recipe``. Current scaling (and the gradient row
+    always), and delayed scaling's first call of a row (``seeded[row]`` False), first take x's
+    own amax."""
+    history = state.shape[-1] - 1
+    if recipe == "current" or row == GRAD:
+        own = amax_of(x).reshape(1)
+        return cast(x, own, state[row, history:], FORMATS[row])
+    if not seeded[row]:
+        state[row, :history].copy_(torch.maximum(state[row, :history], amax_of(x)))
+        seeded[row] = True
+    return cast(x, state[row, :history], state[row, history:], FORMATS[row])
+
+
+# --- the FP8 GEMM --------------------------------------------------------------------------------
+def scaled_mm(a: Tensor, b: Tensor, a_inv: Tensor, b_inv: Tensor, out_dtype: torch.dtype,
+              fast_accum: bool = False) -> Tensor:
+    """``(a * a_inv) @ (b * b_inv)`` for FP8 a [M, K] (row-major) and b [K, N] (column-major):
+    ``torch._scaled_mm`` on CUDA, a float32 emulation elsewhere."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return ((a.float() * a_inv) @ (b.float() * b_inv)).to(out_dtype)
+
+
+def _gather_sequence(x: Tensor, group) -> Tensor:
+    """All ranks' x concatenated along dim 0 (sequence parallelism's all-gather)."""
+    out = torch.empty((x.shape[0] * group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _scatter_sequence(x: Tensor, group) -> Tensor:
+    """This rank's part (dim 0) of the sum of all ranks' x (sequence parallelism's reduce-scatter)."""
+    out = torch.empty((x.shape[0] // group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class FP8Linear(torch.autograd.Function):
+    """``y = x @ W^T (+ b)`` with FP8 forward and input-gradient GEMMs (module docstring).
+    x [..., in] (bf16), W [out, in]; ``main_grad``: W's fp32 buffer to accumulate dW into,
+    or None (dW returned). ``tp``: None, or (group, allreduce_dgrad, sequence_parallel) of
+    megatron's linear layer: the same communication as megatron's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` (all-gather of x along the sequence
+    before the GEMM; all-reduce or reduce-scatter of dx after it), synchronous."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, main_grad, state, seeded, recipe, tp=None):
+        group, allreduce_dgrad, sequence_parallel = tp or (None, False, False)
+        ctx.tp = group, allreduce_dgrad, sequence_parallel
+        if sequence_parallel:
+            x = _gather_sequence(x, group)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x8, x_inv = cast_scaled(x2, state, INPUT, recipe, seeded)
+        w8, w_inv = cast_scaled(weight, state, WEIGHT, recipe, seeded)
+        # y = x @ W^T: W [out, in] row-major is W^T [in, out] column-major, as _scaled_mm wants
+        y = scaled_mm(x8, w8.t(), x_inv, w_inv, x.dtype, fast_accum=True)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x2, weight, w8, w_inv)
+        ctx.main_grad, ctx.state, ctx.seeded, ctx.recipe = main_grad, state, seeded, recipe
+        ctx.use_bias, ctx.shape = bias is not None, shape
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, w8, w_inv = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        g8, g_inv = cast_scaled(dy2, ctx.state, GRAD, ctx.recipe, ctx.seeded)
+        # dx = dy @ W: W [out, in] as the column-major right operand is W^T stored row-major
+        dx = scaled_mm(g8, w8.t().contiguous().t(), g_inv, w_inv, dy.dtype)
+        grad_bias = dy2.sum(0) if ctx.use_bias else None
+        main_grad = ctx.main_grad
+        if main_grad is None:
+            grad_weight = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
+        else:  # megatron's gradient_accumulation_fusion contract
+            weight.main_grad = main_grad
+            _accumulate(x2, dy2, main_grad)
+            grad_weight = None
+            if hasattr(weight, "grad_added_to_main_grad"):
+                make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                grad_weight = make(main_grad.shape, dtype=x2.dtype, device=x2.device)
+                weight.grad_added_to_main_grad = True
+        dx = dx.reshape(ctx.shape)
+        group, allreduce_dgrad, sequence_parallel = ctx.tp
+        if allreduce_dgrad:
+            torch.distributed.all_reduce(dx, group=group)
+        elif sequence_parallel:
+            dx = _scatter_sequence(dx, group)
+        return dx, grad_weight, grad_bias, None, None, None, None, None
+
+
+def fp8_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor, seeded: list,
+               recipe: str = "delayed", main_grad: Optional[Tensor] = None, tp=None) -> Tensor:
+    """The FP8 linear layer as a function (see ``FP8Linear``)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r} not in {RECIPES}")
+    return FP8Linear.apply(x, weight, bias, main_grad, state, seeded, recipe, tp)
+
+
+def supported(device=None) -> bool:
+    """Whether this process has a GPU with FP8 tensor cores (compute capability >= 8.9)."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# --- megatron's linear layers with the FP8 GEMM ---------------------------------------------------
+class _FP8Mixin:
+    """Replaces the local matmul inside megatron's ``_forward_impl``; everything around it
+    (weights, the TP communication of the layer's forward, bias handling) is megatron's, and
+    the communication megatron does inside its GEMM function (sequence-parallel all-gather,
+    input-gradient all-reduce / reduce-scatter) is done the same way by ``FP8Linear``. Falls
+    back to megatron's GEMM for what the FP8 path does not cover: frozen weights, deferred
+    weight gradients, inputs other than bf16/fp32, dimensions that are not multiples of 16
+    (``_scaled_mm``'s requirement)."""
+
+    fp8_recipe = "delayed"
+
+    def _fp8_ready(self, input, weight, kwargs) -> bool:
+        return (weight.requires_grad and input.dtype in (torch.bfloat16, torch.float32)
+                and kwargs.get("grad_output_buffer") is None and (kwargs.get("gtp_remat_size") or 1) == 1
+                and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+                and (input.numel() // max(input.shape[-1], 1)) % 16 == 0)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if args or not self._fp8_ready(input, weight, kwargs):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        state = getattr(self, "fp8_state", None)
+        if state is None or state.device != input.device:
+            # a plain attribute, not a buffer: Float16Module would cast a buffer to bf16, and
+            # checkpoints do not carry it (a resumed run re-seeds from its first call)
+            self.fp8_state, self.fp8_seeded, self.fp8_steps = new_state(input.device), [False] * 3, 0
+            state = self.fp8_state
+        main_grad = weight.main_grad if kwargs.get("gradient_accumulation_fusion") and hasattr(weight, "main_grad") else None
+        tp = None
+        if kwargs.get("allreduce_dgrad") or kwargs.get("sequence_parallel"):
+            from megatron.core import parallel_state
+            group = kwargs.get("tp_group") or parallel_state.get_tensor_model_parallel_group()
+            tp = (group, bool(kwargs.get("allreduce_dgrad")), bool(kwargs.get("sequence_parallel")))
+        return fp8_linear(input, weight, kwargs.get("bias"), state, self.fp8_seeded, self.fp8_recipe, main_grad, tp)
+
+    def fp8_end_step(self) -> None:
+        """The current step's amax values join the history (delayed scaling)."""
+        if getattr(self, "fp8_state", None) is not None:
+            roll_history(self.fp8_state, self.fp8_steps)
+            self.fp8_steps += 1
+
+
+class FP8ColumnParallelLinear(_FP8Mixin, ColumnParallelLinear):
+    """megatron's ColumnParallelLinear with the FP8 GEMM (``_FP8Mixin``)."""
+
+
+class FP8RowParallelLinear(_FP8Mixin, RowParallelLinear):
+    """megatron's RowParallelLinear with the FP8 GEMM (``_FP8Mixin``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def linear_classes(recipe: Optional[str]):
+    """(column, row) linear classes for the decoder layer spec: megatron's for ``None``,
+    FP8 subclasses with ``recipe`` ("delayed" | "current") otherwise."""
+    if recipe is None:
+        return ColumnParallelLinear, RowParallelLinear
+    if recipe not in RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r} not in {RECIPES}")
+    column = type(f"FP8ColumnParallelLinear_{recipe}", (FP8ColumnParallelLinear,), {"fp8_recipe": recipe})
+    row = type(f"FP8RowParallelLinear_{recipe}", (FP8RowParallelLinear,), {"fp8_recipe": recipe})
+    return column, row
+
+
+def end_step(*models) -> int:
+    """Call after each optimizer step: every FP8 layer of ``models`` moves this step's amax
+    into its history. Returns the number of FP8 layers (0: nothing to do)."""
+    n = 0
+    for model in models:
+        layers = getattr(model, "_ualm_fp8_layers", None)
+        if layers is None:
+            layers = [m for m in model.modules() if isinstance(m, _FP8Mixin)]
+            try:
+                model._ualm_fp8_layers = layers
+            except AttributeError:
+                pass
+        for layer in layers:
+            layer.fp8_end_step()
+        n += len(layers)
+    return n
