@@ -80,7 +80,10 @@ def _env(pythonpath: str) -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
 
 
-def _run(cmd, cwd, pythonpath=ROOT):
+def _run(cmd, cwd, pythonpath=None):
+    """pythonpath: None keeps the test's own (a megatron-core put first included) with the repository."""
+    if pythonpath is None:
+        pythonpath = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), ROOT] if p)
     proc = subprocess.run(cmd, cwd=cwd, env=_env(pythonpath), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
