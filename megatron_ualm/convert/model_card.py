@@ -12,6 +12,7 @@ def model_card(cfg: UALMConfig, vocab: UnifiedVocab, iteration: Optional[int], h
     m, t, d = cfg.model, cfg.training, cfg.data
     tasks = sorted({spec.task for spec in d.train})
     encoder = "none (no audio inputs)" if m.encoder.kind == "none" else m.encoder.kind
+    understood = "" if m.encoder.kind == "none" else f" and understood through a {m.encoder.kind} audio encoder"
     stock = ("""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,7 +41,7 @@ greedy answer equals `python -m megatron_ualm.generate`'s text answer."""
 A decoder-only language model that answers text questions, understands audio and generates
 audio from text, trained with megatron_ualm on a Qwen2.5-architecture backbone. Audio is
 generated as codec tokens ({m.num_codebooks} codebooks of {m.codebook_size} codes, delay
-pattern) and understood through a {encoder} audio encoder.
+pattern){understood}.
 
 ## Files
 
