@@ -106,11 +106,17 @@ def export(tmp_path_factory):
     return root
 
 
-def test_tokenizer_template_and_ids_agree_with_megatron_ualm(export):
+@pytest.fixture(scope="module")
+def free(export):
+    """Stock transformers on the export as written: tokenizer facts, prompts and 6 greedy tokens."""
+    return _stock(export / "export", export, steps=6)
+
+
+def test_tokenizer_template_and_ids_agree_with_megatron_ualm(export, free):
     from megatron_ualm.data.tokenizer import load_tokenizer
     from megatron_ualm.formats.vocab import SPECIAL_TOKENS, UnifiedVocab
     from megatron_ualm.inference.prompts import build_prompt
-    stock = _stock(export / "export", export, steps=1)
+    stock = free
     text = load_tokenizer(str(export / "tok"))
     vocab = UnifiedVocab(300, 4, 16)
     # the special tokens at their unified ids, round trip
@@ -141,14 +147,13 @@ def test_tokenizer_template_and_ids_agree_with_megatron_ualm(export):
         assert needed in card, needed
 
 
-def test_stock_greedy_answer_equals_megatron_ualm_generate(export):
+def test_stock_greedy_answer_equals_megatron_ualm_generate(export, free):
     """The random model is made to end its answer after 3 tokens: <|eos|>'s head row becomes
     orthogonal to the hidden states that picked tokens 1..3 (its logit 0 there) and gives
     logit 1000 at the next, so both decoders must stop there, by <|eos|>."""
     import torch
     from safetensors.torch import load_file, save_file
     out = export / "export"
-    free = _stock(out, export, steps=6)
     first, hidden = free["answer_ids"], torch.tensor(free["hidden"], dtype=torch.float64)
     assert len(first) == 6 and 2 not in first and 3 not in first
     basis, _ = torch.linalg.qr(hidden[:4].T)  # orthonormal basis of the first 4 hidden states
