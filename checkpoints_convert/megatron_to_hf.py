@@ -5,8 +5,10 @@
         --out ualm-hf/ [--dtype bf16] [--max-shard-size 5GB] [--tokenizer DIR] [--codec DIR] [--overwrite]
 
 --checkpoint may also be an experiment or checkpoints directory (its `latest` is used).
-The backbone loads with transformers.Qwen2ForCausalLM.from_pretrained(out); the UALM parts
-are in out/ualm_extras.safetensors + out/ualm_config.json
+The backbone loads with transformers.AutoModelForCausalLM.from_pretrained(out) and, given a
+tokenizer (--tokenizer or the checkpoint config's paths.tokenizer), AutoTokenizer with the
+UALM chat template answers text chats; the UALM parts are in out/ualm_extras.safetensors +
+out/ualm_config.json
 (megatron_ualm.convert.load_ualm_from_hf rebuilds the whole model). Exit status 2 with one
 line on stderr when the checkpoint is refused.
 """
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output HF directory (created)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: the checkpoint's dtypes)")
     p.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file (e.g. 5GB, 500MB)")
-    p.add_argument("--tokenizer", help="tokenizer directory recorded in ualm_config.json (default: paths.tokenizer)")
+    p.add_argument("--tokenizer", help="the run's HF tokenizer directory: exported in unified ids with the chat "
+                   "template, and recorded in ualm_config.json (default: paths.tokenizer)")
     p.add_argument("--codec", help="codec directory recorded in ualm_config.json (default: paths.codec)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--no-progress", action="store_true")

@@ -73,11 +73,12 @@ def test_hf_megatron_hf_is_bit_exact(tmp_path, tied, kv_heads, dtype):
     assert_hf_roundtrip_exact(hf_dir, str(tmp_path / "out"), tied)
     with open(tmp_path / "out" / "config.json") as f:
         config = json.load(f)
-    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["vocab_size"] == 300
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["vocab_size"] == 256 + 300
     assert config["tie_word_embeddings"] is False
     extras = read_safetensors_dir(str(tmp_path / "out"), ["ualm_extras.safetensors"])
-    assert extras["special_embedding"].shape == (256, 64) and extras["audio_embedding"].shape == (K * 17, 64)
-    assert torch.count_nonzero(extras["special_embedding"][0]) == 0
+    assert "special_embedding" not in extras and extras["audio_embedding"].shape == (K * 17, 64)
+    backbone = read_safetensors_dir(str(tmp_path / "out"), ["model.safetensors"])
+    assert torch.count_nonzero(backbone["model.embed_tokens.weight"][0]) == 0  # <|pad|> embeds to zero
 
 
 def test_sharded_export_loads_in_transformers(tmp_path):
@@ -91,7 +92,7 @@ def test_sharded_export_loads_in_transformers(tmp_path):
     model = Qwen2ForCausalLM.from_pretrained(str(tmp_path / "out"))
     ref = Qwen2ForCausalLM.from_pretrained(hf_dir)
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
-        assert torch.equal(a, b), n
+        assert torch.equal(a[256:] if n in ("model.embed_tokens.weight", "lm_head.weight") else a, b), n
 
 
 # --- logits ----------------------------------------------------------------------------------------
@@ -115,16 +116,17 @@ def test_exported_backbone_gives_megatron_stream0_logits(tmp_path, runtime):
     tokens = torch.full((2, 24, K), PAD, dtype=torch.long)
     tokens[..., 0] = text + 256
     positions = torch.arange(24).expand(2, 24)
+    tokens[:, 0, 0] = 1  # <|bos|>: the HF ids are the unified ids, special rows included
     with torch.no_grad():
         l0, _ = megatron.logits(tokens, positions)
-        ours = l0[..., 256:256 + 300]
+        ours = l0[..., :256 + 300]
     # transformers in a fresh process: after init_runtime(device="cpu") its RoPE buffers come
     # out of from_pretrained uninitialised (cpu_compat's torch factory patches)
-    theirs = run_distributed(_transformers_logits, 1, str(tmp_path / "out"), text)[0]
+    theirs = run_distributed(_transformers_logits, 1, str(tmp_path / "out"), tokens[..., 0])[0]
     diff = (ours - theirs).abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(ours.reshape(-1, 300), theirs.reshape(-1, 300), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(ours.reshape(-1, 556), theirs.reshape(-1, 556), dim=-1)
     top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    print(f"stream-0 text logits vs transformers: max abs diff {diff:.2e}, "
+    print(f"stream-0 logits vs transformers: max abs diff {diff:.2e}, "
           f"min cosine {cos.min().item():.8f}, top-1 agreement {top1:.4f}")
     assert diff < 1e-4 and top1 == 1.0
 

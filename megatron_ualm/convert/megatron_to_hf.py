@@ -1,18 +1,22 @@
 """A UALM Megatron checkpoint (any TP/PP it was saved at) -> an HF directory, and back into
 a model for inference.
 
-    <output>/config.json                      Qwen2ForCausalLM, vocab_size = V_text, untied
+    <output>/config.json                      Qwen2ForCausalLM, vocab_size = 256 + V_text, untied,
+                                              bos/eos/pad = <|bos|>, [<|eos|>, <|eot|>], <|pad|>
     <output>/model.safetensors                backbone (or model-0000i-of-0000n.safetensors +
                                               model.safetensors.index.json above max_shard_bytes)
-    <output>/ualm_extras.safetensors          special_embedding/special_head [256, H],
-                                              audio_embedding/audio_head [K*(C+1), H],
+    <output>/ualm_extras.safetensors          audio_embedding/audio_head [K*(C+1), H],
                                               head.stream_embeddings [K-1, H],
                                               audio_encoder.adapter.*, audio_encoder.encoder.*
     <output>/ualm_config.json                 vocabulary layout, K/C, the UALM ModelConfig,
                                               the encoder's HF config, tokenizer/codec paths
+    <output>/tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json,
+    <output>/text_tokenizer/, README.md       when a tokenizer is known (``hf_chat``, ``model_card``)
 
-``transformers.Qwen2ForCausalLM.from_pretrained(output)`` loads the backbone as is; its
-logits are the UALM stream-0 logits of the text rows [256, 256 + V_text) on text-only input.
+``transformers.Qwen2ForCausalLM.from_pretrained(output)`` loads the backbone as is: its ids
+are the unified ids [0, 256 + V_text) (special and text rows), its logits the UALM stream-0
+logits of those rows on text-only input, and the exported tokenizer and chat template
+give the same ids, so stock transformers holds the UALM text conversation format.
 TP padding rows are dropped. A tied HF source comes back untied (``tie_word_embeddings``
 false, ``lm_head`` = the UALM head's text rows, which start equal to the embedding's).
 Tensors keep the checkpoint's dtype unless ``dtype`` is given. Memory: one decoder layer
@@ -30,6 +34,7 @@ from torch import Tensor
 from megatron_ualm.config import EncoderConfig, ModelConfig, PathsConfig, UALMConfig, from_dict, load_config, to_dict
 from megatron_ualm.convert import ckpt_layout as L
 from megatron_ualm.convert.dist_format import DistCheckpointReader
+from megatron_ualm.convert import hf_chat
 from megatron_ualm.convert.errors import ConversionError
 from megatron_ualm.convert.hf_io import HFCheckpoint, SafetensorsStreamWriter, TensorSpec, read_config, write_sharded
 from megatron_ualm.convert.layout import (
@@ -37,6 +42,7 @@ from megatron_ualm.convert.layout import (
     SPECIAL_HEAD, STREAMS, hf_layer_names, hf_shapes, hf_to_ualm_layer, layer_suffixes, stacked_key, ualm_layer_shapes,
     ualm_to_hf_layer,
 )
+from megatron_ualm.convert.model_card import model_card
 from megatron_ualm.convert.output import Report, atomic_output_dir, check_output_dir, progress
 from megatron_ualm.fileutil import read_json
 from megatron_ualm.formats.vocab import NUM_SPECIAL_SLOTS, SPECIAL_TOKENS, UnifiedVocab
@@ -46,7 +52,7 @@ from megatron_ualm.training.checkpoint_shapes import table_rows_problem
 
 EXTRAS_FILE = "ualm_extras.safetensors"
 UALM_CONFIG = "ualm_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the backbone holds the special rows, the tokenizer is exported
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "head.", "audio_encoder.")
 
 
@@ -155,28 +161,30 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
     m = cfg.model
     view = _CheckpointView(iter_dir, cfg, read_manifest(iter_dir)["layout"].get("tp"))
     vocab, s, nl, H = view.vocab, _shape_of(m), m.num_layers, m.hidden_size
-    text = slice(vocab.text_offset, vocab.audio_start)
+    rows = slice(0, vocab.audio_start)  # special + text rows: the HF ids are the unified ids
     report = Report(f"Megatron -> HF: {iter_dir} -> {output}")
+    chat = hf_chat.prepare_tokenizer(tokenizer, cfg.paths.tokenizer, vocab)  # checked before writing
+    if chat.missing:
+        report.line("tokenizer", chat.missing)
 
     # backbone tensors in file order, with their dtypes
     layer_dtype = view.dtype(stacked_key("self_attention.linear_proj.weight"), dtype)
     norm_dtype = view.dtype(stacked_key("input_layernorm.weight"), dtype)
-    specs = [TensorSpec("model.embed_tokens.weight", (m.text_vocab_size, H), view.dtype(EMBEDDING, dtype))]
+    specs = [TensorSpec("model.embed_tokens.weight", (vocab.audio_start, H), view.dtype(EMBEDDING, dtype))]
     for i in range(nl):
         for name in hf_layer_names(i, m.qkv_bias):
             specs.append(TensorSpec(name, (), norm_dtype if "norm" in name else layer_dtype))
     specs.append(TensorSpec("model.norm.weight", (H,), view.dtype(FINAL_NORM, dtype)))
-    specs.append(TensorSpec("lm_head.weight", (m.text_vocab_size, H), view.dtype(HEAD, dtype)))
-    hf_layer_shapes = hf_shapes(s, m.qkv_bias, tied=False)
+    specs.append(TensorSpec("lm_head.weight", (vocab.audio_start, H), view.dtype(HEAD, dtype)))
+    hf_layer_shapes = hf_shapes({**s, "text_vocab_size": vocab.audio_start}, m.qkv_bias, tied=False)
     specs = [TensorSpec(sp.name, hf_layer_shapes[sp.name], sp.dtype) for sp in specs]
 
     kept: dict[str, Tensor] = {}
 
     def backbone() -> Iterator[tuple[str, Tensor]]:
         emb = view.reader.read([(EMBEDDING, None)], dtype)[0]
-        kept[SPECIAL_EMBEDDING] = emb[:NUM_SPECIAL_SLOTS].clone()
         kept[AUDIO_EMBEDDING] = emb[vocab.audio_start:vocab.size].clone()
-        yield "model.embed_tokens.weight", emb[text]
+        yield "model.embed_tokens.weight", emb[rows]
         del emb
         for i in range(nl):
             hf = ualm_to_hf_layer(view.layer(i, dtype), i, s)
@@ -184,14 +192,11 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
                 yield name, hf.pop(name)
         yield "model.norm.weight", view.reader.read([(FINAL_NORM, None)], dtype)[0]
         head = view.reader.read([(HEAD, None)], dtype)[0]
-        kept[SPECIAL_HEAD] = head[:NUM_SPECIAL_SLOTS].clone()
         kept[AUDIO_HEAD] = head[vocab.audio_start:vocab.size].clone()
-        yield "lm_head.weight", head[text]
+        yield "lm_head.weight", head[rows]
 
     extra_keys = [STREAMS] + (list(ADAPTER) + view.encoder_keys if m.encoder.kind != "none" else [])
-    extra_specs = [TensorSpec(SPECIAL_EMBEDDING, (NUM_SPECIAL_SLOTS, H), view.dtype(EMBEDDING, dtype)),
-                   TensorSpec(SPECIAL_HEAD, (NUM_SPECIAL_SLOTS, H), view.dtype(HEAD, dtype)),
-                   TensorSpec(AUDIO_EMBEDDING, (vocab.size - vocab.audio_start, H), view.dtype(EMBEDDING, dtype)),
+    extra_specs = [TensorSpec(AUDIO_EMBEDDING, (vocab.size - vocab.audio_start, H), view.dtype(EMBEDDING, dtype)),
                    TensorSpec(AUDIO_HEAD, (vocab.size - vocab.audio_start, H), view.dtype(HEAD, dtype))]
     extra_specs += [TensorSpec(k, view.reader.shape(k), view.dtype(k, dtype)) for k in extra_keys]
 
@@ -206,8 +211,11 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
             bar.update(1)
         writer.close()
         bar.close()
-        _write_hf_config(tmp, m, specs[0].dtype)
+        _write_hf_config(tmp, m, vocab, specs[0].dtype)
         _write_ualm_config(tmp, cfg, vocab, iter_dir, tokenizer, codec)
+        text_length = hf_chat.write_chat_files(tmp, chat, vocab, m.max_position_embeddings)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(cfg, vocab, L.iteration_of(iter_dir), text_length is not None))
 
     for sp in specs:
         report.tensor("backbone (Qwen2)", _numel(sp.shape))
@@ -215,13 +223,17 @@ def convert_megatron_to_hf(checkpoint: str, output: str, *, dtype: Optional[torc
         report.tensor("UALM extras", _numel(sp.shape))
     report.line("layers", f"{nl} layers -> {len(hf_layer_names(0, m.qkv_bias))} HF tensors each "
                           f"(QKV split per query group, fc1 -> gate/up), dtype {layer_dtype}")
-    report.line("text rows", f"unified [{vocab.text_offset}, {vocab.audio_start}) -> embed_tokens / lm_head "
-                             f"({m.text_vocab_size} rows, untied)")
-    report.line("UALM rows", f"special [0, {NUM_SPECIAL_SLOTS}) and audio [{vocab.audio_start}, {vocab.size}) "
-                             f"-> {EXTRAS_FILE}")
+    report.line("vocabulary", f"unified [0, {vocab.audio_start}) (special + text) -> embed_tokens / lm_head "
+                             f"({vocab.audio_start} rows, untied; HF ids = unified ids)")
+    report.line("UALM rows", f"audio [{vocab.audio_start}, {vocab.size}) -> {EXTRAS_FILE}")
+    if text_length is not None:
+        report.line("tokenizer", f"{chat.path}: {text_length} text ids shifted by {vocab.text_offset}, "
+                                 f"{NUM_SPECIAL_SLOTS} special tokens at [0, {NUM_SPECIAL_SLOTS}), chat template, "
+                                 f"generation_config.json (eos {hf_chat.END_IDS})")
     report.line("dropped", f"{padded - vocab.size} TP padding rows per table (checkpoint has {padded})"
                 + (f"; {len(view.skipped)} non-model tensors (optimizer state, ...)" if view.skipped else ""))
-    report.line("output", f"{output}: {', '.join(files)}, {EXTRAS_FILE}, config.json, {UALM_CONFIG}")
+    report.line("output", f"{output}: {', '.join(files)}, {EXTRAS_FILE}, config.json, {UALM_CONFIG}, README.md"
+                + (", tokenizer files, generation_config.json" if text_length is not None else ""))
     return report
 
 
@@ -232,9 +244,10 @@ def _numel(shape) -> int:
     return n
 
 
-def _write_hf_config(directory: str, m: ModelConfig, dtype: torch.dtype) -> None:
+def _write_hf_config(directory: str, m: ModelConfig, vocab: UnifiedVocab, dtype: torch.dtype) -> None:
     from transformers import Qwen2Config
-    config = Qwen2Config(**qwen2_config_dict(m), architectures=["Qwen2ForCausalLM"])
+    config = Qwen2Config(**{**qwen2_config_dict(m), "vocab_size": vocab.audio_start, **hf_chat.token_ids()},
+                         architectures=["Qwen2ForCausalLM"])
     config.dtype = dtype
     config.to_json_file(os.path.join(directory, "config.json"))
 
@@ -245,7 +258,7 @@ def _write_ualm_config(directory: str, cfg: UALMConfig, vocab: UnifiedVocab, ite
     doc = {
         "format_version": FORMAT_VERSION,
         "vocab": {"num_special": NUM_SPECIAL_SLOTS, "special_tokens": list(SPECIAL_TOKENS),
-                  "text_offset": vocab.text_offset, "text_vocab_size": vocab.text_vocab_size,
+                  "backbone_rows": vocab.audio_start, "text_offset": vocab.text_offset, "text_vocab_size": vocab.text_vocab_size,
                   "audio_start": vocab.audio_start, "num_codebooks": vocab.num_codebooks,
                   "codebook_size": vocab.codebook_size, "block_size": vocab.block_size, "size": vocab.size},
         "model": to_dict(m),
@@ -310,8 +323,10 @@ def load_ualm_from_hf(directory: str, precision: str = "fp32"):
         _check_exported_rows(directory, m, ckpt, ualm)
         model = UALMModel(m, transformer_config_from(m, None, precision))
         get = ckpt.get
-        extras = {n: ualm.get(n) for n in (SPECIAL_EMBEDDING, SPECIAL_HEAD, AUDIO_EMBEDDING, AUDIO_HEAD)}
-        emb, head = ualm_tables_from_parts(get("model.embed_tokens.weight"), get("lm_head.weight"), extras,
+        hf_emb, hf_head = get("model.embed_tokens.weight"), get("lm_head.weight")
+        extras = {AUDIO_EMBEDDING: ualm.get(AUDIO_EMBEDDING), AUDIO_HEAD: ualm.get(AUDIO_HEAD),
+                  SPECIAL_EMBEDDING: hf_emb[:NUM_SPECIAL_SLOTS], SPECIAL_HEAD: hf_head[:NUM_SPECIAL_SLOTS]}
+        emb, head = ualm_tables_from_parts(hf_emb[NUM_SPECIAL_SLOTS:], hf_head[NUM_SPECIAL_SLOTS:], extras,
                                            model.vocab, m.init_method_std)
         state = {EMBEDDING: emb, HEAD: head, FINAL_NORM: get("model.norm.weight"), STREAMS: ualm.get(STREAMS)}
         for i in range(m.num_layers):
@@ -334,8 +349,10 @@ def _check_exported_rows(directory: str, m: ModelConfig, backbone: HFCheckpoint,
     vocab = m.vocab()
     audio = vocab.size - vocab.audio_start
     for files, name, rows, what in (
-            (backbone, "model.embed_tokens.weight", m.text_vocab_size, f"model.text_vocab_size={m.text_vocab_size}"),
-            (backbone, "lm_head.weight", m.text_vocab_size, f"model.text_vocab_size={m.text_vocab_size}"),
+            (backbone, "model.embed_tokens.weight", vocab.audio_start,
+             f"{NUM_SPECIAL_SLOTS} special + model.text_vocab_size={m.text_vocab_size} rows"),
+            (backbone, "lm_head.weight", vocab.audio_start,
+             f"{NUM_SPECIAL_SLOTS} special + model.text_vocab_size={m.text_vocab_size} rows"),
             (extras, AUDIO_EMBEDDING, audio, f"model.num_codebooks={m.num_codebooks} x (1 + model.codebook_size="
                                              f"{m.codebook_size}) = {audio} audio rows"),
             (extras, AUDIO_HEAD, audio, f"{audio} audio rows")):

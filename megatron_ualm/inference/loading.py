@@ -11,8 +11,9 @@
 weight, so a wrong checkpoint, tokenizer or codec path is reported before the model is
 built (:func:`load_model`). Every such mistake raises a ``UserError`` naming the path.
 
-Tokenizer and codec: an explicit path wins; then the run config's ``paths.tokenizer`` /
-``paths.codec``; then the checkpoint directory itself when it holds a ``tokenizer.json``.
+Tokenizer and codec: an explicit path wins; then, for an export, its ``text_tokenizer/``
+copy; then the run config's ``paths.tokenizer`` / ``paths.codec``; then a Megatron checkpoint
+directory itself when it holds a ``tokenizer.json``.
 A config without a codec path means the demo's tiny random codec (shape from the model).
 """
 from __future__ import annotations
@@ -105,7 +106,12 @@ def load_tokenizer_for(source: CheckpointSource, explicit: Optional[str] = None)
     from megatron_ualm.data.tokenizer import load_tokenizer
     key = "tokenizer" if explicit else "paths.tokenizer"
     path = explicit or source.cfg.paths.tokenizer
-    if path is None and os.path.isfile(os.path.join(source.given, "tokenizer.json")):
+    if source.hf_export:  # its tokenizer.json holds unified ids; text_tokenizer/ the text ids
+        from megatron_ualm.convert.hf_chat import TEXT_TOKENIZER_DIR
+        bundled = os.path.join(source.given, TEXT_TOKENIZER_DIR)
+        if not explicit and os.path.isfile(os.path.join(bundled, "tokenizer.json")):
+            path = bundled
+    elif path is None and os.path.isfile(os.path.join(source.given, "tokenizer.json")):
         path = source.given
     if path is None:
         raise UserError("tokenizer: the run config names none; pass tokenizer=<local HF tokenizer dir>")
