@@ -41,6 +41,19 @@ DEMO_CAPTION = "an upward chirp"
 REASONING_REQUEST = f"Generate {SoundRequest('tone', 1.5, 'loud', 'A4').caption()}."
 
 
+# Step 8: the export's text chat with nothing but transformers (the README's example).
+STOCK_CHAT = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tokenizer.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)["input_ids"]
+out = model.generate(ids, max_new_tokens=64)
+print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+"""
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.run(cmd, check=True, cwd=kw.pop("cwd", None), **kw)
@@ -203,7 +216,7 @@ checkpoint:
     print("== 7. generate from the exported model", flush=True)
     requests = os.path.join(work, "requests.jsonl")
     with open(requests, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"id": "question", "prompt": DEMO_QUESTION}) + "\n")
+        f.write(json.dumps({"id": "question", "prompt": DEMO_QUESTION, "modality": "text"}) + "\n")
         f.write(json.dumps({"id": "tta", "caption": DEMO_CAPTION}) + "\n")
         f.write(json.dumps({"id": "reason", "mode": "reasoning", "messages": [
             {"role": "system", "content": REASONING_SYSTEM}, {"role": "user", "content": REASONING_REQUEST}]}) + "\n")
@@ -216,6 +229,12 @@ checkpoint:
     losses = read_losses(exp)
     first, last = losses[min(losses)], losses[max(losses)]
     q, t, r = answers["question"], answers["tta"], answers["reason"]
+
+    print("== 8. the same question through stock transformers (a separate interpreter, no megatron_ualm)",
+          flush=True)
+    stock = run([sys.executable, "-c", STOCK_CHAT, hf, DEMO_QUESTION], env={**os.environ, "PYTHONPATH": ""},
+                cwd=work, stdout=subprocess.PIPE, text=True).stdout.strip()
+    print(stock, flush=True)
     audio = [s for s in t.get("segments", []) if s.get("wav")]
     print("\n" + "=" * 72)
     print(f"UALM demo finished in {time.time() - started:.0f} s  (work dir: {work})")
@@ -224,7 +243,7 @@ checkpoint:
                                                      else " (not interrupted: training ended first)"))
     print(f"  HF export       {hf}")
     print(f"  Q: {DEMO_QUESTION}")
-    print(f"  A: {q.get('text', q.get('error'))!r}  (expected {DEMO_ANSWER!r})")
+    print(f"  A: {q.get('text', q.get('error'))!r}  (expected {DEMO_ANSWER!r}; stock transformers: {stock!r})")
     if audio:
         print(f"  TTA '{DEMO_CAPTION}': {audio[0]['wav']} ({audio[0]['duration_s']:.2f} s, "
               f"{audio[0]['frames']} codec frames)")
