@@ -302,13 +302,14 @@ def test_dpo_steps_learn_the_preference_and_resume_exactly(root, tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in train[4:]]  # bitwise
 
 
-def _parallel_run(root, exp, tp, pp, score_dir):
+def _parallel_train(root, exp, tp, pp):
     from megatron_ualm.training.loop import pretrain
+    pretrain(dpo_config(root, exp, f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}"))
+
+
+def _parallel_score(root, exp, tp):
     from megatron_ualm.training.reference import score_reference
-    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}"]
-    if score_dir:
-        score_reference(dpo_config(score_dir, exp + "-score", *layout))
-    pretrain(dpo_config(root, exp, *layout))
+    score_reference(dpo_config(root, exp, f"parallel.tensor_parallel={tp}"))
 
 
 @pytest.mark.slow
@@ -321,8 +322,8 @@ def test_tp2_pp2_equal_tp1(root, tmp_path, tp, pp):
     score_dir = None
     if tp == 2:  # scoring at TP=2 gives TP=1's numbers (a copy of the sets, same checkpoint)
         score_dir = copy_sets(root, tmp_path / "data")
-    run_distributed(_parallel_run, 2, str(root), str(tmp_path / "run"), tp, pp,
-                    str(score_dir) if score_dir else None, timeout=240)
+        run_distributed(_parallel_score, 2, str(score_dir), str(tmp_path / "score"), tp, timeout=240)
+    run_distributed(_parallel_train, 2, str(root), str(tmp_path / "run"), tp, pp, timeout=240)
     want, got = _metrics(single), _metrics(tmp_path / "run")
     assert len(got) == len(want) == 3
     for a, b in zip(got, want):  # step 2 and 3 run on the weights after one and two optimizer steps
