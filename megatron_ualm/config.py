@@ -26,14 +26,16 @@ from megatron_ualm.formats.vocab import UnifiedVocab
 
 __all__ = [
     "ConfigError", "EncoderConfig", "ModelConfig", "DatasetSpec", "DataConfig", "ParallelConfig",
-    "OptimizerConfig", "TrainingConfig", "SchedulePoint", "CheckpointConfig", "PathsConfig", "LoggingConfig",
+    "OptimizerConfig", "TrainingConfig", "DPOConfig", "SchedulePoint", "CheckpointConfig", "PathsConfig", "LoggingConfig",
     "UALMConfig", "Task", "load_config", "parse_cli", "parse_overrides", "save_config",
     "from_dict", "to_dict", "validate", "tasks",
 ]
 
 # The example kinds of SPEC section 4; each tokenized dataset holds one of them.
 Task = Literal["text_only", "caption_to_audio", "audio_to_caption", "audio_to_conversation",
-               "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning"]
+               "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning",
+               "preference"]
+# "preference": a paired caption_to_audio set for DPO (<P>.chosen, <P>.rejected, <P>.pairs.json).
 
 
 @dataclass
@@ -155,6 +157,8 @@ class TrainingConfig:
     log_interval: int = 10           # iterations between log lines
     gc_freeze: bool = True           # after the first step, exclude the objects alive then (model,
     #                                  optimizer, compiled code) from Python's GC scans: shorter pauses
+    objective: Literal["lm", "dpo"] = "lm"  # lm: the UALM loss; dpo: preference alignment on
+    #                                  "preference" datasets (see the dpo section)
     cuda_graphs: bool = True         # replay the decoder layers as CUDA graphs (GPU, TP=PP=CP=1, no
     #                                  recompute or dropout; else eager, and the log says why)
     fp8: bool = False                # FP8 GEMMs (torch._scaled_mm) in the decoder's QKV, output
@@ -166,6 +170,16 @@ class TrainingConfig:
     #                                  scale from the largest amax of the last 16 steps (one pass
     #                                  per cast), current = from the tensor's own amax (an extra
     #                                  read per cast); gradients always use current
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation of text-to-audio (SPEC section 9), training.objective=dpo."""
+    beta: float = 0.1                # strength of the preference margin (> 0)
+    sft_weight: float = 0.0          # lambda: + lambda * the ordinary loss of the chosen example
+    reference_checkpoint: str | None = None  # checkpoint the stored reference log-probs must come
+    #                                  from; None: checkpoint.load (the starting checkpoint). Score it
+    #                                  once with `python -m megatron_ualm.score_reference`
 
 
 @dataclass
@@ -212,6 +226,7 @@ class UALMConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # --- loading and saving ---------------------------------------------------------------------
@@ -307,6 +322,7 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
             if spec.weight <= 0:
                 raise ConfigError(f"data.{split}[{i}].weight: must be > 0, got {spec.weight}")
     _validate_schedule(d)
+    _validate_dpo(cfg)
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr: must be <= optimizer.lr={o.lr}, got {o.min_lr}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -374,6 +390,29 @@ def _validate_schedule(d: DataConfig) -> None:
                               f"got {len(point.weights)}")
         if any(not (w >= 0 and w < float("inf")) for w in point.weights) or not any(w > 0 for w in point.weights):
             raise ConfigError(f"{key}.weights: must be finite and >= 0 with at least one > 0, got {point.weights}")
+
+
+def _validate_dpo(cfg: UALMConfig) -> None:
+    dpo = cfg.training.objective == "dpo"
+    for split in ("train", "valid"):
+        for i, spec in enumerate(getattr(cfg.data, split)):
+            if dpo and spec.task != "preference":
+                raise ConfigError(f"data.{split}[{i}].task: training.objective=dpo trains on preference "
+                                  f"datasets only, got {spec.task!r}")
+            if not dpo and spec.task == "preference":
+                raise ConfigError(f"data.{split}[{i}].task: a preference dataset needs "
+                                  "training.objective=dpo (got lm)")
+    if not dpo:
+        return
+    if not cfg.dpo.beta > 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {cfg.dpo.beta}")
+    if cfg.dpo.sft_weight < 0:
+        raise ConfigError(f"dpo.sft_weight: must be >= 0, got {cfg.dpo.sft_weight}")
+    if cfg.data.overlong != "drop":
+        raise ConfigError("data.overlong: training.objective=dpo compares whole examples; allowed: drop")
+    if cfg.dpo.reference_checkpoint is None and cfg.checkpoint.load is None:
+        raise ConfigError("dpo.reference_checkpoint: training.objective=dpo needs the reference (starting) "
+                          "checkpoint: set checkpoint.load or dpo.reference_checkpoint")
 
 
 def _section(cfg: UALMConfig, dotted: str):

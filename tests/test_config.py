@@ -142,11 +142,12 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
 
 
 def test_tasks_are_those_of_the_spec():
-    # the seven of section 4, then reasoning (section 9); the order fixes the task ids
+    # the seven of section 4, then reasoning (section 9); the order fixes the task ids; then the
+    # paired preference sets of DPO (section 9), which hold caption_to_audio examples
     assert tasks() == ("text_only", "caption_to_audio", "audio_to_caption", "audio_to_conversation",
-                       "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning")
+                       "audio_only", "transcription_to_speech", "speech_to_transcription", "reasoning", "preference")
     from megatron_ualm.formats.templates import TASKS
-    assert tasks() == TASKS
+    assert tasks() == TASKS + ("preference",)
 
 
 # --- errors: one line, naming the key and what is allowed -----------------------------------

@@ -37,6 +37,7 @@ from megatron_ualm.model.loss import loss_metrics, loss_sums
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
 from megatron_ualm.runtime.helper_processes import loader_worker_init
 from megatron_ualm.training import checkpoint as ckpt
+from megatron_ualm.training.dpo import dpo_loss_func, summarise_dpo
 from megatron_ualm.training.metrics import (
     MetricsLogger, batch_flops, dense_flops_per_token, format_console, model_flops_per_token, packed_lengths,
     peak_tflops,
@@ -84,7 +85,18 @@ def loss_func(batch, output):
     return numerator, denominator.to(torch.int), {"report": vector}
 
 
-def forward_step(device, data_iterator, model):
+def objective_loss(cfg):
+    """The loss function of training.objective: the UALM loss, or DPO over pairs."""
+    if cfg.training.objective == "dpo":
+        return partial(dpo_loss_func, cfg.dpo.beta, cfg.dpo.sft_weight)
+    return loss_func
+
+
+def summarise_for(cfg, total: torch.Tensor) -> dict:
+    return summarise_dpo(total) if cfg.training.objective == "dpo" else summarise(total)
+
+
+def forward_step(device, data_iterator, model, loss=loss_func):
     batch = next(data_iterator)
     plan = host_plan(batch["document_ids"], batch["loss_weights"], batch["audio_num_samples"],
                      batch["audio_rows"]).to(device)  # so the forward makes no host sync
@@ -92,7 +104,7 @@ def forward_step(device, data_iterator, model):
     output = model(batch["tokens"], batch["position_ids"], batch["document_ids"], batch["labels"],
                    loss_weights=batch["loss_weights"], audio_waveforms=batch["audio_waveforms"],
                    audio_num_samples=batch["audio_num_samples"], audio_rows=batch["audio_rows"], plan=plan)
-    return output, partial(loss_func, batch)
+    return output, partial(loss, batch)
 
 
 def reduce_reports(reports: list) -> torch.Tensor | None:
@@ -146,7 +158,7 @@ class IterationBatches:
                     yield list(range(first, first + b))
 
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=index_batches(), collate_fn=collate, num_workers=num_workers,
+            dataset, batch_sampler=index_batches(), collate_fn=getattr(dataset, "collate", collate), num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
             worker_init_fn=loader_worker_init() if num_workers > 0 else None)
@@ -180,7 +192,8 @@ def train_step(cfg, chunks, optimizer, scheduler, batches, device, seq_length):
     optimizer.zero_grad()
     iters = [iter(batches) for _ in chunks]
     reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, device), data_iterator=iters if len(chunks) > 1 else iters[0],
+        forward_step_func=partial(forward_step, device, loss=objective_loss(cfg)),
+        data_iterator=iters if len(chunks) > 1 else iters[0],
         model=chunks, num_microbatches=len(batches), seq_length=seq_length,
         micro_batch_size=cfg.training.micro_batch_size, forward_only=False)
     total = reduce_reports(reports)
@@ -216,7 +229,8 @@ def params_in_sync(chunks):
 
 
 def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
-    """Loss per validation task over up to ``training.eval_iters`` global batches each."""
+    """Loss per validation task over up to ``training.eval_iters`` global batches each:
+    {"loss/<task>": value}, and for DPO also {"dpo/<metric>/<task>": value}."""
     for c in chunks:
         c.eval()
     results = {}
@@ -224,7 +238,8 @@ def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
     b = cfg.training.micro_batch_size
     for task, ds in valid_sets.items():
         rows = list(range(dp_rank * b, len(ds), b * dp_size))[: cfg.training.eval_iters]
-        batches = [collate([ds[j] for j in range(r, min(r + b, len(ds)))]) for r in rows]
+        collate_rows = getattr(ds, "collate", collate)
+        batches = [collate_rows([ds[j] for j in range(r, min(r + b, len(ds)))]) for r in rows]
         # Every DP rank must run the same number of micro-batches.
         n = torch.tensor([len(batches)], device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
@@ -233,13 +248,15 @@ def evaluate(cfg, chunks, valid_sets: dict, device) -> dict:
             continue
         with torch.no_grad():
             reports = get_forward_backward_func()(
-                forward_step_func=partial(forward_step, device),
+                forward_step_func=partial(forward_step, device, loss=objective_loss(cfg)),
                 data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
                 model=chunks, num_microbatches=len(batches), seq_length=cfg.data.seq_length,
                 micro_batch_size=b, forward_only=True)
         total = reduce_reports(reports)
         if total is not None:
-            results[task] = summarise(total)["loss"]
+            s = summarise_for(cfg, total)
+            results[f"loss/{task}"] = s["loss"]
+            results.update({f"{k}/{task}": v for k, v in s.items() if k.startswith("dpo/")})
     for c in chunks:
         c.train()
     return results
@@ -384,7 +401,7 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
             tokens, squares = counted.tolist()
             packed = [0, 0]
             if total is not None and logger_rank:
-                s = summarise(total)
+                s = summarise_for(cfg, total)
                 tps = tokens_per_iteration * window_steps / window_time
                 s.update(lr=scheduler.get_lr(optimizer.param_groups[0]),
                          grad_norm=float(grad_norm) if grad_norm is not None else None,
@@ -409,7 +426,7 @@ def _pretrain(cfg, runtime, closing: contextlib.ExitStack) -> ckpt.TrainState:
             with params_in_sync(chunks):
                 results = evaluate(cfg, chunks, valid_sets, runtime.device)
             if logger_rank and results:
-                metrics.log(state.iteration, {f"loss/{k}": v for k, v in results.items()}, kind="valid")
+                metrics.log(state.iteration, results, kind="valid")
                 print("[ualm] valid " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
 
         finish_background_saves(block=False)

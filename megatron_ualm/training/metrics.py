@@ -124,7 +124,9 @@ class MetricsLogger:
 
 def format_console(step: int, total: int, s: dict) -> str:
     """One console line per log step."""
-    fields = [("loss", "loss {:.4f}"), ("grad_norm", "grad {:.3f}"), ("lr", "lr {:.2e}"),
+    fields = [("loss", "loss {:.4f}"), ("dpo/reward_margin", "margin {:.4f}"), ("dpo/accuracy", "pair acc {:.1%}"),
+              ("dpo/chosen_logratio", "chosen {:+.4f}"), ("dpo/rejected_logratio", "rejected {:+.4f}"),
+              ("grad_norm", "grad {:.3f}"), ("lr", "lr {:.2e}"),
               ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.1f} TFLOP/s"), ("mfu", "MFU {:.1%}"),
               ("data_wait_s", "data wait {:.3f}s"), ("mem_gb", "mem {:.1f} GB")]
     parts = [f"step {step}/{total}"] + [fmt.format(s[k]) for k, fmt in fields if s.get(k) is not None]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -37,6 +38,13 @@ def _unreadable(path: str) -> str | None:
 
 
 def _dataset_problem(key: str, spec, vocab) -> str | None:
+    if spec.task == "preference":  # two caption_to_audio sets and the pair count
+        for side in ("chosen", "rejected"):
+            problem = _dataset_problem(key, replace(spec, path=f"{spec.path}.{side}", task="caption_to_audio"), vocab)
+            if problem:
+                return problem
+        why = _unreadable(f"{spec.path}.pairs.json")
+        return f"{key}.path: {spec.path}.pairs.json {why}; build the set with the preference data tool" if why else None
     files = [I.bin_path(spec.path), I.idx_path(spec.path), I.meta_path(spec.path)]
     if not any(os.path.exists(f) for f in files):
         return f"{key}.path: no dataset at {spec.path} (no .bin, .idx or .meta.json); {BUILD_DATA}"

@@ -19,6 +19,7 @@ from megatron_ualm.config import ConfigError
 from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.blending import BlendSchedule
 from megatron_ualm.data.loader import PackedRows, RowSettings
+from megatron_ualm.data.preference import PairedRows, PairSource, load_reference
 from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.model import fp8
 from megatron_ualm.training import fast_optimizer
@@ -140,8 +141,36 @@ def blend_schedule(cfg) -> BlendSchedule | None:
                          d.schedule_interpolation, cfg.training.global_batch_size)
 
 
-def open_sources(specs, vocab):
-    return [TokenizedDataset(s.path, vocab=vocab, task=s.task) for s in specs]
+def open_sources(specs, vocab, references: dict | None = None):
+    """The stored datasets of ``specs``; preference sets with their reference log-probs when
+    ``references`` (``reference_identity``) is given."""
+    out = []
+    for s in specs:
+        if s.task != "preference":
+            out.append(TokenizedDataset(s.path, vocab=vocab, task=s.task))
+            continue
+        src = PairSource(s.path, vocab)
+        if references is not None:
+            src.reference = load_reference(src, references["checkpoint"], references["hint"])
+        out.append(src)
+    return out
+
+
+def reference_identity(cfg) -> dict | None:
+    """For training.objective=dpo: the identity of the checkpoint whose stored log-probs the run reads."""
+    if cfg.training.objective != "dpo":
+        return None
+    from megatron_ualm.training.dpo import checkpoint_identity, reference_checkpoint, score_hint
+    return {"checkpoint": checkpoint_identity(reference_checkpoint(cfg)), "hint": score_hint(cfg)}
+
+
+def task_id(task: str) -> int:
+    """The logged task of a dataset spec (a preference set is text-to-audio)."""
+    return TASKS.index("caption_to_audio" if task == "preference" else task)
+
+
+def rows_class(cfg):
+    return PairedRows if cfg.training.objective == "dpo" else PackedRows
 
 
 def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
@@ -153,15 +182,17 @@ def build_datasets(cfg, num_train_rows: int, anchor=(0, 0)):
     if not cfg.data.train:
         raise ValueError("data.train is empty: list the tokenized datasets to train on "
                          "(e.g. data.train='[{path: data/tok/tta, task: caption_to_audio, weight: 1}]')")
-    train = PackedRows(open_sources(cfg.data.train, vocab), [s.weight for s in cfg.data.train],
-                       [TASKS.index(s.task) for s in cfg.data.train], vocab, row_settings(cfg), num_train_rows,
-                       anchor=tuple(anchor), schedule=blend_schedule(cfg))
+    references = reference_identity(cfg)
+    rows = rows_class(cfg)
+    train = rows(open_sources(cfg.data.train, vocab, references), [s.weight for s in cfg.data.train],
+                 [task_id(s.task) for s in cfg.data.train], vocab, row_settings(cfg), num_train_rows,
+                 anchor=tuple(anchor), schedule=blend_schedule(cfg))
     valid = {}
     by_task = {}
     for s in cfg.data.valid:
         by_task.setdefault(s.task, []).append(s)
     for task, specs in by_task.items():
-        valid[task] = valid_rows(cfg, task, open_sources(specs, vocab), vocab)
+        valid[task] = valid_rows(cfg, task, open_sources(specs, vocab, references), vocab)
     return train, valid
 
 
@@ -170,8 +201,8 @@ def valid_rows(cfg, task: str, sources, vocab) -> PackedRows:
     no CFG dropout (``python -m megatron_ualm.evaluate`` reads the same rows)."""
     settings = row_settings(cfg, seed_offset=1)
     settings = RowSettings(**{**settings.__dict__, "cfg_dropout_prob": 0.0})
-    return PackedRows(sources, [1.0] * len(sources), [TASKS.index(task)] * len(sources),
-                      vocab, settings, num_rows=0, blend=False)
+    return rows_class(cfg)(sources, [1.0] * len(sources), [task_id(task)] * len(sources),
+                           vocab, settings, num_rows=0, blend=False)
 
 
 def data_parallel_info():
