@@ -37,7 +37,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128
 
 
 class Pairs:
-    """In-memory stand-in for ``data.preference.PairSource`` (and, per side, a dataset)."""
+    """In-memory stand-in for ``data.pair_rows.PairSource`` (and, per side, a dataset)."""
 
     def __init__(self, vocab, n, frames, seed):
         from megatron_ualm.formats import build_segments
@@ -91,7 +91,7 @@ def main(argv=None):
 
     from megatron_ualm.config import load_config
     from megatron_ualm.data.loader import PackedRows, collate
-    from megatron_ualm.data.preference import PairedRows
+    from megatron_ualm.data.pair_rows import PairedRows
     from megatron_ualm.model.ualm_model import padded_vocab
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
     from megatron_ualm.training.loop import train_step

@@ -190,7 +190,7 @@ def test_pairs_stay_together_with_one_guidance_decision(root):
 
 
 def test_mismatched_reference_is_refused_naming_both(root, tmp_path):
-    from megatron_ualm.data.preference import PreferenceError
+    from megatron_ualm.data.pair_rows import PreferenceError
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
     from megatron_ualm.training.providers import build_datasets
     start = root / "start" / "checkpoints"

@@ -19,7 +19,7 @@ from megatron_ualm.config import ConfigError
 from megatron_ualm.data.indexed import TokenizedDataset
 from megatron_ualm.data.blending import BlendSchedule
 from megatron_ualm.data.loader import PackedRows, RowSettings
-from megatron_ualm.data.preference import PairedRows, PairSource, load_reference
+from megatron_ualm.data.pair_rows import PairedRows, PairSource, load_reference
 from megatron_ualm.formats.templates import TASKS
 from megatron_ualm.model import fp8
 from megatron_ualm.training import fast_optimizer

@@ -1,5 +1,5 @@
 """Score every pair of the run's preference sets with the frozen reference checkpoint, once,
-and store the numbers beside each set (``data.preference``: ``P.reference.<key>.npy``, float64
+and store the numbers beside each set (``data.pair_rows``: ``P.reference.<key>.npy``, float64
 [N, 2] = log pi_ref of chosen and rejected, and ``.json`` naming the checkpoint and dataset).
 
 The model is built, loaded and run exactly as the trainer does (``providers.build_model``,
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ualm.data.preference import PairedRows, PairSource, collate_pairs, reference_key, reference_paths
+from megatron_ualm.data.pair_rows import PairedRows, PairSource, collate_pairs, reference_key, reference_paths
 from megatron_ualm.fileutil import write_atomic
 from megatron_ualm.model.ualm_model import padded_vocab
 from megatron_ualm.runtime import init_runtime, shutdown_runtime
