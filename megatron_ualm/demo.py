@@ -14,6 +14,11 @@ Every step runs the real command-line tool a user would run, and prints it first
  6. export to HuggingFace   checkpoints_convert/megatron_to_hf.py
  7. generate                python -m megatron_ualm.generate: a text answer, a text-to-audio clip
                             and a reasoning answer that listens to its own clip
+ 8. stock transformers      the text question again, through nothing but transformers on the export
+ 9. DPO                     data_tools/make_preference_pairs.py (4 clips per caption, best vs worst by
+                            a scorer of the demo's sounds), data_tools/preprocess_preferences.py,
+                            megatron_ualm.score_reference, then megatron_ualm.train with
+                            training.objective=dpo; held-out pair accuracy at each validation
 
 It ends with a summary: loss at the start and the end, the answers, the WAV's duration.
 """
@@ -94,6 +99,54 @@ def read_losses(exp: str) -> dict[int, float]:
 
 
 REQUEUE = "requeue"
+DPO_ITERS = 40
+
+
+def dpo_stage(work: str, raw: str, tok: str, models: str, exp: str, config: str, nproc: int) -> dict[int, float]:
+    """Preference alignment of text-to-audio on pairs the pre-trained model makes itself: sample
+    4 clips per caption, keep the best and the worst by the demo's scorer, score the reference,
+    train DPO. Returns the held-out pair accuracy at each validation step."""
+    prefs, dpo_exp = os.path.join(work, "prefs"), os.path.join(work, "dpo")
+    os.makedirs(prefs, exist_ok=True)
+    with open(os.path.join(raw, "etta.jsonl"), encoding="utf-8") as f:
+        lines = f.readlines()
+    splits = {"train": [x for i, x in enumerate(lines) if i % 3], "heldout": lines[::3]}  # held-out captions
+    common = ["--tokenizer", os.path.join(models, "tokenizer"), "--text-vocab-size", "512", "--no-progress"]
+    for split, chosen in splits.items():
+        captions = os.path.join(prefs, f"{split}-captions.jsonl")
+        with open(captions, "w", encoding="utf-8") as f:
+            f.writelines(chosen)
+        run(tool("data_tools/make_preference_pairs.py") + [
+            "--checkpoint", exp, "--captions", captions, "--scorer", "megatron_ualm.data.demo_scorer:score",
+            "--clips-per-caption", "4", "--max-audio-seconds", "2", "--seed", "0", "--device", "cpu",
+            "--out", os.path.join(prefs, f"{split}.jsonl"), "--no-progress"])
+        run(tool("data_tools/preprocess_preferences.py") + [
+            "--input", os.path.join(prefs, f"{split}.jsonl"), "--out", os.path.join(tok, f"dpo_{split}"),
+            "--codec", os.path.join(models, "codec"), "--max-reject-fraction", "0.5"] + common)
+    dpo_config = os.path.join(work, "dpo.yaml")
+    with open(dpo_config, "w", encoding="utf-8") as f:
+        f.write(f"""# written by megatron_ualm.demo: DPO over the pre-trained demo model
+base: {config}
+training: {{objective: dpo, eval_interval: 10, eval_iters: 100, log_interval: 5}}
+optimizer: {{lr: 2.0e-4, min_lr: 2.0e-5, warmup_iters: 0}}
+dpo: {{beta: 0.1}}
+data:
+  train: [{{path: {tok}/dpo_train, task: preference, weight: 1}}]
+  valid: [{{path: {tok}/dpo_heldout, task: preference}}]
+checkpoint: {{load: {exp}/checkpoints, experiment_dir: {dpo_exp}, save_interval: 1000}}
+""")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "megatron_ualm.score_reference", "--config", dpo_config, f"parallel.tensor_parallel={nproc}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = train(dpo_config, dpo_exp, DPO_ITERS, None, nproc, nproc)
+    if code != 0:
+        raise RuntimeError(f"DPO training failed with exit code {code}")
+    accuracy = {}
+    with open(os.path.join(dpo_exp, "logs", "metrics.jsonl"), encoding="utf-8") as f:
+        for r in map(json.loads, f):
+            if r.get("kind") == "valid" and "dpo/accuracy/preference" in r:
+                accuracy[r["step"]] = r["dpo/accuracy/preference"]
+    return accuracy
 
 
 def train(config: str, exp: str, iters: int, interrupt_at: int | None, nproc: int, tp: int) -> int | str:
@@ -235,6 +288,9 @@ checkpoint:
     stock = run([sys.executable, "-c", STOCK_CHAT, hf, DEMO_QUESTION], env={**os.environ, "PYTHONPATH": ""},
                 cwd=work, stdout=subprocess.PIPE, text=True).stdout.strip()
     print(stock, flush=True)
+
+    print(f"== 9. DPO: align text-to-audio on pairs the model makes itself ({DPO_ITERS} iterations)", flush=True)
+    accuracy = dpo_stage(work, raw, tok, models, exp, config, a.nproc)
     audio = [s for s in t.get("segments", []) if s.get("wav")]
     print("\n" + "=" * 72)
     print(f"UALM demo finished in {time.time() - started:.0f} s  (work dir: {work})")
@@ -255,6 +311,8 @@ checkpoint:
         print("    " + format_transcript(r).replace("\n", "\n    "))
     else:
         print(f"    no answer ({r.get('error')})")
+    print("  DPO             held-out pair accuracy (the reference itself: no pair preferred) "
+          + ", ".join(f"{v:.0%} at step {k}" for k, v in sorted(accuracy.items())))
     print("=" * 72)
     ok = last < first and all(x.get("status") == "ok" for x in (q, t, r))
     return 0 if ok else 1
