@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 from megatron_ualm.data.demo import HELD_OUT_ANSWER, HELD_OUT_QUESTION, REASONING_SYSTEM, SoundRequest
 
@@ -305,7 +306,9 @@ checkpoint:
               f"{audio[0]['frames']} codec frames)")
     else:
         print(f"  TTA '{DEMO_CAPTION}': no audio ({t.get('error') or t.get('finish_reason')})")
-    from megatron_ualm.inference.outputs import format_transcript  # imports megatron-core: only here
+    with warnings.catch_warnings():  # megatron-core's notes on missing TE/apex do not belong in the summary
+        warnings.simplefilter("ignore")
+        from megatron_ualm.inference.outputs import format_transcript
     print(f"  reasoning '{REASONING_REQUEST}':")
     if r.get("status") == "ok":
         print("    " + format_transcript(r).replace("\n", "\n    "))
