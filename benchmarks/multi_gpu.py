@@ -104,7 +104,8 @@ def main():
         f"training.train_iters={a.iters}", "training.log_interval=1", "training.eval_interval=100000",
         "optimizer.warmup_iters=5", f"parallel.tensor_parallel={a.tp}", f"parallel.pipeline_parallel={a.pp}",
         f"parallel.sequence_parallel={'true' if a.tp > 1 else 'false'}", "parallel.device=auto",
-        "logging.tensorboard=false", *shape["overrides"], *a.overrides])
+        "logging.tensorboard=false", "paths.tokenizer=null", "paths.codec=null", "paths.backbone=null",
+        *shape["overrides"], *a.overrides])
     if not a.save:
         cfg.checkpoint.save_interval = 10**9
     pretrain(cfg)
