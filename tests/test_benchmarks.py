@@ -15,6 +15,8 @@ SMOKE = {
     "build_shards": ["--clips", "8"],
     "checkpoint_hash": ["--tiny"],
     "fp8_ab": ["--tiny", "--out", "."],  # emulated FP8 on CPU
+    "codec_overhead": ["--tiny", "--rounds", "1"],
+    "dpo_step": ["--tiny", "--steps", "1"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],
     "preprocess_text": ["--docs", "200"],
     # GPU-only measurements: on CPU they say so and exit 0 (their imports stay checked)
