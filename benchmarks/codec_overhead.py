@@ -74,20 +74,9 @@ def main() -> int:
     C = _codec_module()
     if a.tiny:
         a.clips, a.seconds, a.batch_size = min(a.clips, 8), min(a.seconds, 1.0), min(a.batch_size, 4)
-        model = C.build_tiny_codec()
-    else:
-        from transformers import XcodecConfig, XcodecModel
-        torch.manual_seed(0)
-        model = XcodecModel(XcodecConfig()).eval()
-        with torch.no_grad():
-            for q in model.quantizer.quantizers:
-                q.codebook.embed.normal_()
-    model = model.to(device).eval()
-    codec = C.Codec.__new__(C.Codec)
-    codec.path, codec.device, codec.dtype, codec.allow_tf32, codec.model = "random", device, torch.float32, False, model
-    cfg = model.config
-    codec.info = C.CodecInfo(int(cfg.num_quantizers), int(cfg.codebook_size), int(cfg.hop_length), float(cfg.frame_rate))
-    codec.cudnn_benchmark = False
+    codec = C.Codec("tiny" if a.tiny else "random-default", device=a.device,
+                    model=C.build_tiny_codec() if a.tiny else C.random_default_codec())
+    model = codec.model
 
     rng = np.random.default_rng(0)
     clips = [(0.3 * rng.standard_normal(int(a.seconds * 16000))).astype(np.float32) for _ in range(a.clips)]

@@ -94,19 +94,8 @@ def main() -> int:
         elif args.codec:
             codec = C.Codec(args.codec, device=args.device, dtype=dtype, allow_tf32=tf32)
         else:
-            from transformers import XcodecConfig, XcodecModel
-            torch.manual_seed(0)
-            model = XcodecModel(XcodecConfig()).eval()
-            with torch.no_grad():
-                for q in model.quantizer.quantizers:
-                    q.codebook.embed.normal_()
-            codec = C.Codec.__new__(C.Codec)
-            codec.path, codec.device, codec.dtype = "random-default", device, C.DTYPES[dtype]
-            codec.allow_tf32, codec.cudnn_benchmark = tf32, False
-            codec.model = model.to(device, C.DTYPES[dtype])
-            cfg = model.config
-            codec.info = C.CodecInfo(int(cfg.num_quantizers), int(cfg.codebook_size), int(cfg.hop_length),
-                                     float(cfg.frame_rate))
+            codec = C.Codec("random-default", device=args.device, dtype=dtype, allow_tf32=tf32,
+                            model=C.random_default_codec())
         params = sum(p.numel() for p in codec.model.parameters())
         one = min(n, 16 if gpu else 4)
         t_alone, alone = _timed(lambda: [codec.encode([c])[0] for c in clips[:one]], device, args.repeats)

@@ -75,6 +75,19 @@ def build_tiny_codec(num_codebooks: int = 8, codebook_size: int = 1024, seed: in
     return model
 
 
+def random_default_codec(seed: int = 0):
+    """``XcodecModel(XcodecConfig())`` with random weights and codebooks spread by a normal draw:
+    the real architecture (160.7M parameters) for speed measurements, which do not depend on
+    the weights."""
+    from transformers import XcodecConfig, XcodecModel
+    torch.manual_seed(seed)
+    model = XcodecModel(XcodecConfig()).eval()
+    with torch.no_grad():
+        for q in model.quantizer.quantizers:
+            q.codebook.embed.normal_()
+    return model
+
+
 def save_tiny_codec(out_dir: str | os.PathLike, num_codebooks: int = 8, codebook_size: int = 1024,
                     seed: int = 0) -> str:
     """Write a tiny random codec as a local HF directory (config.json + safetensors)."""
@@ -112,11 +125,13 @@ class Codec:
     """
 
     def __init__(self, path: str | os.PathLike = "tiny", device: str = "cpu", dtype: str = "fp32",
-                 allow_tf32: bool = False, cudnn_benchmark: bool = False):
+                 allow_tf32: bool = False, cudnn_benchmark: bool = False, model=None):
         if dtype not in DTYPES:
             raise ValueError(f"codec dtype {dtype!r} not in {sorted(DTYPES)}")
         self.path = os.fspath(path)
-        if self.path == "tiny":
+        if model is not None:  # an XcodecModel already in memory (benchmarks); path is its label
+            pass
+        elif self.path == "tiny":
             model = build_tiny_codec()
         else:
             from transformers import XcodecModel
