@@ -13,14 +13,19 @@ Three parts, bf16 and FP8 measured by the same script run, results in ``--out``/
      one write), current scaling (amax pass + kernel) and a naive amax + scale + clamp +
      cast in PyTorch;
    * a whole layer forward + backward (weight gradient accumulated into an fp32 main_grad):
-     bf16 (megatron's math) vs ``fp8.FP8Linear`` with delayed and with current scaling.
+     bf16 (megatron's math) vs ``fp8.FP8Linear`` with delayed and with current scaling, the
+     weight cast in every call (one micro-batch per optimizer step).
 2. ``step``: training tokens/s of ``train_throughput.py``'s UALM step (megatron DDP,
-   distributed optimizer, CUDA graphs: as the trainer runs it) for the 1.5B shape (seq 4096,
-   micro-batch 2) and the 7B width with 8 layers (seq 4096, micro-batch 1), fp8 off / on.
-3. ``loss``: the same model, data and seed trained ``--loss-steps`` steps with bf16 and
-   with FP8 GEMMs (1.5B shape, ``--loss-layers`` layers, seq ``--loss-seq``, micro-batch 2,
-   lr 1e-4, 32 synthetic packed batches in turn); prints the max relative loss difference
-   over the last 50 steps.
+   distributed optimizer, CUDA graphs: as the trainer runs it), ``--accumulate`` micro-batches
+   per optimizer step, for the 1.5B shape (seq 4096, micro-batch 2) and the 7B width with
+   ``--layers-7b`` layers (seq 4096, micro-batch 1), fp8 off / on.
+3. ``loss``: the same model, data and seed trained ``--loss-steps`` steps with bf16 and with
+   FP8 GEMMs (1.5B shape, ``--loss-layers`` layers, seq ``--loss-seq``, micro-batch 2, lr
+   warmed up linearly to 1e-4 over 20 steps, 64 packed batches of Markov-chain text and audio
+   in turn: a learnable source whose loss falls smoothly), plus a control: bf16 again from
+   another initialisation seed, i.e. how far two equally good bf16 runs are apart. Prints the
+   largest relative difference of the raw curves and of their 10-step moving means over the
+   last 50 steps, fp8 against bf16 and the control against bf16.
 """
 from __future__ import annotations
 
@@ -39,9 +44,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-SHAPE_7B_8L = dict(num_layers=8, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
-                   num_query_groups=4, kv_channels=128, text_vocab_size=152_064, num_codebooks=8,
-                   codebook_size=1024)
+from train_throughput import SHAPE_7B  # noqa: E402
+
+SHAPE_7B_8L = dict(SHAPE_7B, num_layers=8)
 
 
 def layer_gemms(shape: dict) -> dict:
@@ -93,15 +98,14 @@ def part_gemm(args, device) -> dict:
             dy = torch.randn(tokens, n_out, device=device, generator=g, dtype=torch.bfloat16) * 1e-3
             flop = 2.0 * tokens * n_in * n_out
             state = fp8.new_state(device)
-            seeded = [False] * 3
-            x8, x_inv = fp8.cast_scaled(x, state, fp8.INPUT, "delayed", seeded)
-            w8, w_inv = fp8.cast_scaled(w, state, fp8.WEIGHT, "delayed", seeded)
+            x8, x_inv = fp8.cast_scaled(x, state, fp8.INPUT, "delayed")
+            w8, w_inv = fp8.cast_scaled(w, state, fp8.WEIGHT, "delayed")
             r = {"tokens": tokens, "in": n_in, "out": n_out}
             r["bf16_fwd_ms"] = timed(lambda: x @ w.t(), device, iters)
             r["fp8_fwd_gemm_ms"] = timed(lambda: fp8.scaled_mm(x8, w8.t(), x_inv, w_inv, torch.bfloat16, True),
                                          device, iters)
-            r["cast_delayed_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "delayed", seeded), device, iters)
-            r["cast_current_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "current", seeded), device, iters)
+            r["cast_delayed_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "delayed"), device, iters)
+            r["cast_current_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "current"), device, iters)
             r["cast_naive_ms"] = timed(lambda: naive_cast(x, fp8.E4M3), device, iters)
             r["bf16_tflops"] = flop / r["bf16_fwd_ms"] / 1e9
             r["fp8_tflops"] = flop / r["fp8_fwd_gemm_ms"] / 1e9
@@ -116,16 +120,19 @@ def part_gemm(args, device) -> dict:
                 fp8._accumulate(xr.detach(), dy, main_grad)
                 return y, dx
 
-            def fp8_layer(recipe, st, sd):
+            def fp8_layer(recipe, st):
+                wc = fp8.WeightCast()
+
                 def run():
-                    y = fp8.fp8_linear(xr, wr, None, st, sd, recipe, main_grad)
+                    wc.stale = True  # one micro-batch per optimizer step: the weight is cast every call
+                    y = fp8.fp8_linear(xr, wr, None, st, recipe, main_grad, weight_cast=wc)
                     y.backward(dy)
                     xr.grad = None
                 return run
 
             r["bf16_layer_fwd_bwd_ms"] = timed(bf16_layer, device, iters)
             for recipe in fp8.RECIPES:
-                r[f"fp8_{recipe}_layer_fwd_bwd_ms"] = timed(fp8_layer(recipe, fp8.new_state(device), [False] * 3),
+                r[f"fp8_{recipe}_layer_fwd_bwd_ms"] = timed(fp8_layer(recipe, fp8.new_state(device)),
                                                             device, iters)
             r["speedup_delayed"] = r["bf16_layer_fwd_bwd_ms"] / r["fp8_delayed_layer_fwd_bwd_ms"]
             r["speedup_current"] = r["bf16_layer_fwd_bwd_ms"] / r["fp8_current_layer_fwd_bwd_ms"]
@@ -153,8 +160,9 @@ def _reseed(seed: int):
     model_parallel_cuda_manual_seed(seed)
 
 
-def _step_args(args, micro_batch: int, seq: int, fp8_recipe, steps: int, warmup: int, lr: float = 1e-5):
-    return SimpleNamespace(bf16=True, seq_length=seq, micro_batch=micro_batch, accumulate=1, steps=steps,
+def _step_args(args, micro_batch: int, seq: int, fp8_recipe, steps: int, warmup: int, lr: float = 1e-5,
+               accumulate: int = 1):
+    return SimpleNamespace(bf16=True, seq_length=seq, micro_batch=micro_batch, accumulate=accumulate, steps=steps,
                            warmup=warmup, attention_backend="auto", recompute="none", optimizer="megatron",
                            min_doc=8 if args.tiny else 256, max_doc=32 if args.tiny else 2048, fp8=fp8_recipe,
                            lr=lr, no_cuda_graphs=args.no_cuda_graphs)
@@ -164,15 +172,16 @@ def part_step(args, device) -> dict:
     from train_throughput import FULL, TINY, model_flops_per_token, run_ualm
     from megatron_ualm.config import ModelConfig
     from megatron_ualm.model.ualm_model import padded_vocab
+    shape_7b = dict(SHAPE_7B_8L, num_layers=args.layers_7b)
     runs = ({"tiny": (TINY, 2, 64)} if args.tiny
-            else {"1.5b": (FULL, 2, 4096), "7b-width-8-layers": (SHAPE_7B_8L, 1, 4096)})
+            else {"1.5b": (FULL, 2, 4096), f"7b-width-{args.layers_7b}-layers": (shape_7b, 1, 4096)})
     out = {}
     for name, (shape, mb, seq) in runs.items():
         flops = model_flops_per_token(shape, padded_vocab(ModelConfig(**shape), 1).size, seq)
         for label, recipe in (("bf16", None), ("fp8", args.recipe)):
             _reseed(1234)
             r = run_ualm(_step_args(args, mb, seq, recipe, 2 if args.tiny else args.steps,
-                                    1 if args.tiny else 3), shape, device)
+                                    1 if args.tiny else 3, accumulate=args.accumulate), shape, device)
             _free(device)
             r["mfu"] = flops * r["tokens_per_s"] / 1e12 / 989.0
             out[f"{name}/{label}"] = r
@@ -186,36 +195,57 @@ def part_step(args, device) -> dict:
     return out
 
 
+def _moving_mean(values: list, window: int) -> list:
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def _rel_diffs(a: list, b: list, tail: int) -> list:
+    return [abs(y - x) / abs(x) for x, y in zip(a[-tail:], b[-tail:])]
+
+
+LOSS_WARMUP, LOSS_LR, LOSS_WINDOW = 20, 1e-4, 10
+
+
 def part_loss(args, device) -> dict:
-    from train_throughput import FULL, TINY, build_ualm, step_of, synthetic_ualm_batch
+    from train_throughput import FULL, TINY, MarkovSource, build_ualm, step_of, synthetic_ualm_batch
     shape = dict(TINY if args.tiny else FULL)
     if not args.tiny:
         shape["num_layers"] = args.loss_layers
     seq = 64 if args.tiny else args.loss_seq
     steps = args.loss_steps
     curves = {}
-    for label, recipe in (("bf16", None), ("fp8", args.recipe)):
-        _reseed(1234)
-        model, make_phases = build_ualm(_step_args(args, 2, seq, recipe, steps, 0, lr=1e-4), shape, device)
+    for label, recipe, seed in (("bf16", None, 1234), ("fp8", args.recipe, 1234), ("bf16_seed2", None, 4321)):
+        _reseed(seed)
+        model, make_phases = build_ualm(_step_args(args, 2, seq, recipe, steps, 0, lr=LOSS_LR), shape, device)
         g = torch.Generator().manual_seed(7)
+        source = MarkovSource(model.vocab, states=64 if args.tiny else 512)
         batches = [synthetic_ualm_batch(model.vocab, 2, seq, device, g, 8 if args.tiny else 128,
-                                        32 if args.tiny else 1024) for _ in range(32)]
+                                        32 if args.tiny else 1024, source=source) for _ in range(64)]
         step = step_of(make_phases(batches))
+        groups = make_phases.optimizer.param_groups
         t = time.perf_counter()
-        losses = [step(i).item() for i in range(steps)]
+        losses = []
+        for i in range(steps):
+            for group in groups:
+                group["lr"] = LOSS_LR * min(1.0, (i + 1) / LOSS_WARMUP)
+            losses.append(step(i).item())
         curves[label] = losses
-        print(f"loss {label:4s}: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps "
+        print(f"loss {label:10s}: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
         del model, make_phases, step, batches
         _free(device)
-    a, b = curves["bf16"], curves["fp8"]
     tail = min(50, steps)
-    rel = [abs(y - x) / abs(x) for x, y in zip(a[-tail:], b[-tail:])]
-    out = {"shape": shape, "seq_length": seq, "micro_batch": 2, "steps": steps, "lr": 1e-4,
-           "bf16": a, "fp8": b, "max_rel_diff_last_50": max(rel),
-           "mean_rel_diff_last_50": sum(rel) / len(rel)}
-    print(f"loss: max relative difference fp8 vs bf16 over the last {tail} steps {max(rel):.3e} "
-          f"(mean {out['mean_rel_diff_last_50']:.3e})", flush=True)
+    out = {"shape": shape, "seq_length": seq, "micro_batch": 2, "steps": steps, "lr": LOSS_LR,
+           "lr_warmup_steps": LOSS_WARMUP, "moving_mean_window": LOSS_WINDOW, **curves}
+    smooth = {k: _moving_mean(v, LOSS_WINDOW) for k, v in curves.items()}
+    for other in ("fp8", "bf16_seed2"):
+        raw = _rel_diffs(curves["bf16"], curves[other], tail)
+        mean = _rel_diffs(smooth["bf16"], smooth[other], tail)
+        out[f"{other}_max_rel_diff_last_{tail}"] = max(raw)
+        out[f"{other}_mean_rel_diff_last_{tail}"] = statistics.fmean(raw)
+        out[f"{other}_max_rel_diff_moving_mean_last_{tail}"] = max(mean)
+        print(f"loss: {other} against bf16 over the last {tail} steps: largest relative difference {max(raw):.3e} "
+              f"(mean {statistics.fmean(raw):.3e}); of the {LOSS_WINDOW}-step moving means {max(mean):.3e}", flush=True)
     return out
 
 
@@ -226,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="gemm,step,loss", help="comma list of gemm, step, loss")
     p.add_argument("--recipe", default="delayed", choices=["delayed", "current"], help="FP8 scaling for step/loss")
     p.add_argument("--steps", type=int, default=8, help="timed steps per throughput run (after 3 warm-up)")
+    p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step in part step")
+    p.add_argument("--layers-7b", type=int, default=16, help="decoder layers of the 7B-width model in part step")
     p.add_argument("--loss-steps", type=int, default=None, help="default 220 (tiny: 4)")
     p.add_argument("--loss-layers", type=int, default=28)
     p.add_argument("--loss-seq", type=int, default=2048)

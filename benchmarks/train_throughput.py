@@ -47,6 +47,8 @@ PEAK_TFLOPS = 989.0
 
 FULL = dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, num_query_groups=2,
             kv_channels=128, text_vocab_size=151_936, num_codebooks=8, codebook_size=1024)
+SHAPE_7B = dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
+                kv_channels=128, text_vocab_size=152_064, num_codebooks=8, codebook_size=1024)
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
             kv_channels=16, text_vocab_size=300, num_codebooks=4, codebook_size=16)
 
@@ -63,9 +65,43 @@ def model_flops_per_token(shape: dict, vocab_rows: int, seq_len: int) -> float:
                  shape["num_query_groups"], shape["kv_channels"], vocab_rows, seq_len)
 
 
+class MarkovSource:
+    """Learnable synthetic content: every stream (text, and each codebook) is a fixed random
+    Markov chain over ``states`` symbols in which each symbol has ``branches`` equally likely
+    successors, so a model can learn it down to ln(branches) nats per prediction and its loss
+    falls smoothly (uniform random tokens can only be memorised)."""
+
+    def __init__(self, vocab, states: int = 512, branches: int = 4, seed: int = 1234):
+        g = torch.Generator().manual_seed(seed)
+        self.branches = branches
+        self.text_ids = 256 + torch.randperm(vocab.text_vocab_size, generator=g)[:states]
+        self.text_next = torch.randint(0, states, (states, branches), generator=g)
+        self.code_states = min(states, vocab.codebook_size - 1)
+        self.code_next = torch.randint(0, self.code_states, (vocab.num_codebooks, self.code_states, branches),
+                                       generator=g)
+
+    @staticmethod
+    def _walk(table: torch.Tensor, n: int, generator) -> torch.Tensor:
+        picks = torch.randint(0, table.shape[1], (n,), generator=generator).tolist()
+        s = int(torch.randint(0, table.shape[0], (1,), generator=generator))
+        out = []
+        for r in picks:
+            out.append(s)
+            s = int(table[s, r])
+        return torch.tensor(out, dtype=torch.long)
+
+    def text(self, n: int, generator) -> torch.Tensor:
+        return self.text_ids[self._walk(self.text_next, n, generator)]
+
+    def codes(self, k: int, lo: int, n: int, generator) -> torch.Tensor:
+        return lo + 1 + self._walk(self.code_next[k], n, generator)
+
+
 def synthetic_ualm_batch(vocab, batch: int, seq_len: int, device, generator: torch.Generator,
-                         min_doc: int, max_doc: int, audio_share: float = 0.25) -> dict:
-    """Packed rows of text and discrete-audio examples following model/batch.py's contract."""
+                         min_doc: int, max_doc: int, audio_share: float = 0.25,
+                         source: MarkovSource | None = None) -> dict:
+    """Packed rows of text and discrete-audio examples following model/batch.py's contract;
+    uniform random tokens, or ``source``'s Markov chains."""
     K = vocab.num_codebooks
     tokens = torch.zeros(batch, seq_len, K, dtype=torch.long)
     weights = torch.zeros(batch, seq_len, K)
@@ -78,11 +114,13 @@ def synthetic_ualm_batch(vocab, batch: int, seq_len: int, device, generator: tor
             n_audio = int(n * audio_share) if n >= 8 else 0
             n_text = n - n_audio
             rows = slice(at, at + n)
-            tokens[b, at:at + n_text, 0] = 256 + torch.randint(0, vocab.text_vocab_size, (n_text,), generator=generator)
+            tokens[b, at:at + n_text, 0] = (256 + torch.randint(0, vocab.text_vocab_size, (n_text,), generator=generator)
+                                            if source is None else source.text(n_text, generator))
             weights[b, at:at + n_text, 0] = 1.0
             for k in range(K):
                 lo, hi = vocab.codebook_range(k)
-                tokens[b, at + n_text:at + n, k] = torch.randint(lo + 1, hi, (n_audio,), generator=generator)
+                tokens[b, at + n_text:at + n, k] = (torch.randint(lo + 1, hi, (n_audio,), generator=generator)
+                                                    if source is None else source.codes(k, lo, n_audio, generator))
             weights[b, at + n_text:at + n] = 1.0 / K
             pos[b, rows] = torch.arange(n)
             docs[b, rows] = d
@@ -193,6 +231,7 @@ def build_ualm(args, shape, device):
 
         return Phases(zero_grad, forward, backward, optimizer)
 
+    make_phases.optimizer = opt  # e.g. to set a learning-rate schedule
     return model, make_phases
 
 
@@ -307,6 +346,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shape, CPU-friendly (CI smoke run)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--shape", default="1.5b", choices=["1.5b", "7b"], help="Qwen2.5-1.5B or -7B widths")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--accumulate", type=int, default=1,
@@ -345,7 +386,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shape = TINY if args.tiny else FULL
+    shape = dict(TINY if args.tiny else {"1.5b": FULL, "7b": SHAPE_7B}[args.shape])
+    if args.layers:
+        shape["num_layers"] = args.layers
     args.seq_length = args.seq_length or (64 if args.tiny else 4096)
     args.steps = args.steps or (2 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)

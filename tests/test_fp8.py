@@ -77,17 +77,51 @@ def test_delayed_history_keeps_the_last_steps_and_forgets_the_oldest():
 
 
 def test_first_delayed_call_seeds_from_its_own_amax_then_uses_the_history():
-    state, seeded = fp8.new_state("cpu"), [False] * 3
+    state = fp8.new_state("cpu")
     x = torch.tensor([[1.0, -2.0]])
-    q, inv = fp8.cast_scaled(x, state, fp8.INPUT, "delayed", seeded)
-    assert seeded == [True, False, False] and inv.item() == pytest.approx(2.0 / 448)
-    assert q.float().tolist() == [[224.0, -448.0]]
-    q, inv = fp8.cast_scaled(4 * x, state, fp8.INPUT, "delayed", seeded)
-    assert inv.item() == pytest.approx(2.0 / 448) and state[fp8.INPUT, -1].item() == 8.0
-    for recipe in fp8.RECIPES:  # gradients: always their own amax
-        q, inv = fp8.cast_scaled(4 * x, state, fp8.GRAD, recipe, seeded)
-        assert inv.item() == pytest.approx(8.0 / 57344) and q.dtype == fp8.E5M2
-    assert seeded == [True, False, False]
+    for row, fmt in ((fp8.INPUT, fp8.E4M3), (fp8.GRAD, fp8.E5M2)):
+        q, inv = fp8.cast_scaled(x, state, row, "delayed")
+        assert inv.item() == pytest.approx(2.0 / fp8.FP8_MAX[fmt]) and q.dtype == fmt
+        assert state[row, :-1].tolist() == [2.0] + [0.0] * (fp8.HISTORY - 1)  # seeded in slot 0
+        q, inv = fp8.cast_scaled(4 * x, state, row, "delayed")  # scaled from the history now
+        assert inv.item() == pytest.approx(2.0 / fp8.FP8_MAX[fmt]) and state[row, -1].item() == 8.0
+        assert q.float().max().item() == fp8.FP8_MAX[fmt]  # 4 and 8 saturate
+        assert state[row, 0].item() == 2.0  # a second call does not seed again
+    q, inv = fp8.cast_scaled(4 * x, state, fp8.WEIGHT, "current")  # current: always its own amax
+    assert inv.item() == pytest.approx(8.0 / 448) and state[fp8.WEIGHT, :-1].eq(0).all()
+
+
+def test_seed_touches_only_an_empty_history():
+    x = torch.tensor([3.0, -5.0])
+    past = torch.zeros(4)
+    fp8.seed_reference(x, past)
+    assert past.tolist() == [5.0, 0.0, 0.0, 0.0]
+    past = torch.tensor([0.0, 0.5, 0.0, 0.0])
+    fp8.seed_reference(x, past)
+    assert past.tolist() == [0.0, 0.5, 0.0, 0.0]
+
+
+def test_weight_cast_is_reused_until_the_optimizer_step_marks_it_stale():
+    x, w, _, dy = _operands()
+    state, wc = fp8.new_state("cpu"), fp8.WeightCast()
+    wr = w.clone().requires_grad_()
+    y1 = fp8.fp8_linear(x, wr, None, state, "delayed", weight_cast=wc)
+    torch.testing.assert_close(y1, fp8.fp8_linear(x, wr, None, fp8.new_state("cpu"), "delayed"), rtol=0, atol=0)
+    buffers = (wc.w8.data_ptr(), wc.w8t.data_ptr(), wc.inv.data_ptr())
+    assert torch.equal(wc.w8t.view(torch.uint8), wc.w8.view(torch.uint8).t())
+    with torch.no_grad():
+        wr.neg_()  # an optimizer step changes the weight (negated: same amax, so y2 = -y1 exactly)
+    assert torch.equal(fp8.fp8_linear(x, wr, None, state, "delayed", weight_cast=wc), y1)  # same step: cached
+    wc.stale = True  # end_step
+    y2 = fp8.fp8_linear(x, wr, None, state, "delayed", weight_cast=wc)
+    assert (wc.w8.data_ptr(), wc.w8t.data_ptr(), wc.inv.data_ptr()) == buffers  # fixed addresses (graphs)
+    assert torch.equal(y2, -y1)
+    xr = x.clone().requires_grad_()  # the input gradient uses the cached transpose
+    fp8.fp8_linear(xr, wr, None, state, "delayed", weight_cast=wc).backward(dy)
+    xc = x.clone().requires_grad_()
+    state2 = state.clone()
+    fp8.fp8_linear(xc, wr, None, state2, "delayed").backward(dy)
+    assert torch.equal(xr.grad, xc.grad)
 
 
 # --- the FP8 linear (emulated GEMM) ------------------------------------------------------------------
@@ -104,8 +138,8 @@ def _operands(tokens=96, n_in=64, n_out=48, seed=0):
 def test_emulated_fp8_linear_matches_float64_within_fp8_tolerances(recipe):
     x, w, b, dy = _operands()
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    state, seeded = fp8.new_state("cpu"), [False] * 3
-    y = fp8.fp8_linear(xr, wr, br, state, seeded, recipe)
+    state = fp8.new_state("cpu")
+    y = fp8.fp8_linear(xr, wr, br, state, recipe)
     y.backward(dy)
     X, W, B, DY = (t.double() for t in (x, w, b, dy))
     # each product carries the rounding of both operands, each element's error is bounded by
@@ -119,7 +153,7 @@ def test_emulated_fp8_linear_matches_float64_within_fp8_tolerances(recipe):
     # weight and bias gradients are bf16 GEMMs of the bf16 tensors
     torch.testing.assert_close(wr.grad.double(), DY.reshape(-1, 48).t() @ X.reshape(-1, 64), rtol=2 ** -7, atol=1e-6)
     torch.testing.assert_close(br.grad.double(), DY.reshape(-1, 48).sum(0), rtol=2 ** -7, atol=1e-6)
-    assert seeded == [recipe == "delayed"] * 2 + [False] and (state[:, -1] > 0).all()
+    assert (state[:, :-1].max(1).values > 0).tolist() == [recipe == "delayed"] * 3 and (state[:, -1] > 0).all()
 
 
 def test_weight_gradient_accumulates_into_main_grad():
@@ -129,7 +163,7 @@ def test_weight_gradient_accumulates_into_main_grad():
     wr = w.clone().requires_grad_()
     wr.grad_added_to_main_grad = False  # megatron DDP's flag: a dummy grad is returned
     xr = x.clone().requires_grad_()
-    fp8.fp8_linear(xr, wr, None, fp8.new_state("cpu"), [False] * 3, "delayed", main_grad).backward(dy)
+    fp8.fp8_linear(xr, wr, None, fp8.new_state("cpu"), "delayed", main_grad).backward(dy)
     want = start.double() + dy.double().reshape(-1, 48).t() @ x.double().reshape(-1, 64)
     torch.testing.assert_close(main_grad.double(), want, rtol=1e-5, atol=1e-6)
     assert wr.grad_added_to_main_grad is True and wr.grad.shape == (48, 64)
@@ -171,8 +205,14 @@ def test_fp8_layers_in_the_model_and_their_loss_stays_close_to_the_plain_model(r
         loss.backward()
         losses.append(loss.item())
     assert losses[1] != losses[0] and abs(losses[1] - losses[0]) / losses[0] < 2e-3
+    assert not any(m.fp8_weight.stale for m in linears)  # each weight cast once for this step
     assert fp8.end_step(model) == 4 * cfg.num_layers and fp8.end_step(plain) == 0
     assert (linears[0].fp8_state[:, 0] > 0).all() and (linears[0].fp8_state[:, -1] == 0).all()
+    assert all(m.fp8_weight.stale for m in linears)  # the optimizer step made them stale
+    fp8.refresh_stale([model.decoder.layers[0]])  # what a CUDA-graph replay does before a layer
+    assert [m.fp8_weight.stale for m in linears] == [False] * 4
+    fp8.reset_grad_scaling([model.decoder])
+    assert all(m.fp8_state[fp8.GRAD].eq(0).all() and m.fp8_state[fp8.INPUT, 0] > 0 for m in linears)
 
 
 def test_config_refuses_fp8_without_bf16():
@@ -218,6 +258,20 @@ def test_triton_cast_equals_the_reference_bit_for_bit(dtype, n):
 
 
 @pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("n", [1, 2047, 8192 * 1536 + 5])
+def test_triton_seed_equals_the_reference(n):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = (torch.randn(n, device="cuda", generator=g) * 3).bfloat16()
+    for past in (torch.zeros(16, device="cuda"), torch.tensor([0.0, 2.5, 0.0], device="cuda")):
+        got, want = past.clone(), past.clone()
+        fp8.seed_kernel(x, got)
+        fp8.seed_reference(x, want)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 @FP8_GPU
 @pytest.mark.parametrize("recipe", fp8.RECIPES)
 def test_fp8_linear_is_close_to_bf16_on_gpu(recipe):
@@ -226,10 +280,10 @@ def test_fp8_linear_is_close_to_bf16_on_gpu(recipe):
     w = (torch.randn(2048, 1536, device="cuda", generator=g) * 0.02).bfloat16()
     dy = (torch.randn(4096, 2048, device="cuda", generator=g) * 1e-4).bfloat16()
     main_grad = torch.zeros(2048, 1536, device="cuda")
-    state, seeded = fp8.new_state("cuda"), [False] * 3
+    state = fp8.new_state("cuda")
     for step in range(3):  # the third step scales from the history (delayed)
         xr = x.clone().requires_grad_()
-        y = fp8.fp8_linear(xr, w.requires_grad_(), None, state, seeded, recipe, main_grad)
+        y = fp8.fp8_linear(xr, w.requires_grad_(), None, state, recipe, main_grad)
         y.backward(dy)
         fp8.roll_history(state, step)
     X, W, DY = x.double(), w.double(), dy.double()

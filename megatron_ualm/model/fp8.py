@@ -15,22 +15,28 @@ bf16 (embedding, head, norms, attention core, SwiGLU, encoder). Per linear layer
 Scaling is per tensor: ``q = saturate(x * s)`` with ``s = fp8_max / amax / 2**margin`` and
 the GEMM de-scales with ``1 / s``. Two recipes (``training.fp8_scaling``):
 
-* ``delayed`` (default) for activations and weights: s comes from the largest amax of the
-  last ``HISTORY`` optimizer steps; the cast kernel reads x once, writes the FP8 tensor once
-  and folds this call's amax into the history's "current" slot with an atomic max (one Triton
-  kernel, 3 bytes moved per bf16 element). ``end_step`` (the trainer calls it after each
-  optimizer step) moves the current amax into the history. A tensor's first call has no
-  history: it is scaled from its own amax (one extra read), which seeds the history. Values
-  above the delayed range saturate at fp8_max instead of overflowing.
+* ``delayed`` (default): s comes from the largest amax of the last ``HISTORY`` optimizer
+  steps; the cast kernel reads x once, writes the FP8 tensor once and folds this call's amax
+  into the history's "current" slot with an atomic max (one Triton kernel, 3 bytes moved per
+  bf16 element). ``end_step`` (the trainer calls it after each optimizer step) moves the
+  current amax into the history. A tensor with no history yet (all zero: its first call, or
+  after ``reset_grad_scaling``) is scaled from its own amax: a seed kernel computes it only
+  then and is a no-op afterwards, so the decision is made on the GPU and a CUDA graph captured
+  once stays right (``training/cuda_graphs.py``). Values above the delayed range saturate at
+  fp8_max instead of overflowing. Activations, weights and gradients all follow it.
 * ``current``: s from this tensor's own amax every call: a reduction pass (read) then the
   cast kernel (read + write): 5 bytes per bf16 element, no state.
 
-Gradients use current scaling under both recipes: their magnitude moves fastest (learning
-rate warm-up, loss normalisation), and the eager warm-up before a CUDA-graph capture
-(``training/cuda_graphs.py``) back-propagates a synthetic gradient of ones, which would seed
-a delayed history with a wrong amax. Delayed is the default for the rest because it moves
-40% fewer bytes per cast for the same GEMM (``benchmarks/fp8_ab.py`` measures both recipes
-on the layer shapes).
+The decoder's CUDA-graph warm-up back-propagates a synthetic gradient of ones; it calls
+``reset_grad_scaling`` afterwards, so the gradients' history starts from the first real
+backward.
+
+Weights change once per optimizer step, so the layers cast each weight once per step, not per
+micro-batch: ``WeightCast`` keeps the FP8 weight and its transpose (the input-gradient GEMM's
+operand) in buffers at fixed addresses and is marked stale by ``end_step``; a stale weight is
+recast before its layer's next forward (eagerly in the layer, or by the decoder graph's replay
+through ``refresh_stale``). It costs one byte per decoder weight more than casting per call
+(the transposed copy; the forward copy was held for backward anyway).
 
 Tensor and sequence parallelism: the FP8 GEMM sits where megatron's local matmul was and does
 the communication megatron's GEMM function does (all-gather of the sequence before it,
@@ -127,6 +133,20 @@ if HAVE_TRITON:
             local = tl.maximum(local, tl.abs(x))
         tl.atomic_max(amax_ptr, tl.max(local, axis=0))
 
+    @triton.jit
+    def _seed_kernel(x_ptr, past_ptr, n, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+        # history empty (all zero): fold max|x| into its slot 0; else nothing (no pass over x)
+        hs = tl.arange(0, HP)
+        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
+        todo = tl.where(past > 0.0, 0, n)
+        pid = tl.program_id(0)
+        local = tl.zeros([BLOCK], dtype=tl.float32)
+        for blk in range(pid, tl.cdiv(todo, BLOCK), tl.num_programs(0)):
+            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < todo, other=0.0).to(tl.float32)
+            local = tl.maximum(local, tl.abs(x))
+        tl.atomic_max(past_ptr, tl.max(local, axis=0))
+
 
 BLOCK, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
 
@@ -136,21 +156,26 @@ def _programs(device) -> int:
 
 
 def cast_reference(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                   margin: int = MARGIN) -> tuple[Tensor, Tensor]:
+                   margin: int = MARGIN, out: Optional[Tensor] = None,
+                   inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """What the kernel does, in PyTorch: (FP8 tensor, float32 [1] de-scale ``1 / scale``)
-    with scale from ``max(past)``; ``amax_out`` (float32 [1]) becomes max(amax_out, max|x|)."""
+    with scale from ``max(past)``; ``amax_out`` (float32 [1]) becomes max(amax_out, max|x|).
+    ``out`` / ``inv``: tensors to write the two results into (else new ones)."""
     scale = scale_from_amax(past.max().reshape(1), FP8_MAX[dtype], margin)
     q = quantize(x, scale, dtype)
     amax_out.copy_(torch.maximum(amax_out, amax_of(x).reshape(1)))
-    return q, torch.reciprocal(scale)
+    if out is not None:
+        q = out.copy_(q)
+    return q, (torch.reciprocal(scale) if inv is None else torch.reciprocal(scale, out=inv))
 
 
 def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                margin: int = MARGIN) -> tuple[Tensor, Tensor]:
-    """The Triton kernel (CUDA): same contract as ``cast_reference``; x contiguous."""
+                margin: int = MARGIN, out: Optional[Tensor] = None,
+                inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The Triton kernel (CUDA): same contract as ``cast_reference``."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    inv = torch.empty(1, dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
+    inv = torch.empty(1, dtype=torch.float32, device=x.device) if inv is None else inv
     n = x.numel()
     h = past.numel()
     grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
@@ -159,25 +184,77 @@ def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
     return out, inv
 
 
-def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _use_kernel(x: Tensor) -> bool:
+    return x.is_cuda and HAVE_TRITON and fusions.ENABLED
+
+
+def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None,
+         inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The Triton kernel for CUDA tensors (fusions enabled), ``cast_reference`` elsewhere."""
-    if x.is_cuda and HAVE_TRITON and fusions.ENABLED:
-        return cast_kernel(x, past, amax_out, dtype)
-    return cast_reference(x, past, amax_out, dtype)
+    if _use_kernel(x):
+        return cast_kernel(x, past, amax_out, dtype, out=out, inv=inv)
+    return cast_reference(x, past, amax_out, dtype, out=out, inv=inv)
 
 
-def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, seeded: list) -> tuple[Tensor, Tensor]:
-    """Cast x for state row ``row`` under ``recipe``. Current scaling (and the gradient row
-    always), and delayed scaling's first call of a row (``seeded[row]`` False), first take x's
-    own amax."""
+def seed_reference(x: Tensor, past: Tensor) -> None:
+    """What the seed kernel does, in PyTorch: a history ``past`` that is all zero gets max|x| in
+    its slot 0; any other history is left as it is. No host synchronisation."""
+    past[:1].copy_(torch.where(past.max() > 0, past[:1], amax_of(x).reshape(1)))
+
+
+def seed_kernel(x: Tensor, past: Tensor) -> None:
+    """The Triton seed kernel (CUDA): same contract as ``seed_reference``; ``past`` contiguous."""
+    x = x.contiguous()
+    n, h = x.numel(), past.numel()
+    grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
+    _seed_kernel[grid](x, past, n, H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def seed(x: Tensor, past: Tensor) -> None:
+    """``seed_kernel`` for CUDA tensors (fusions enabled), ``seed_reference`` elsewhere."""
+    if _use_kernel(x):
+        seed_kernel(x, past)
+    else:
+        seed_reference(x, past)
+
+
+def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, out: Optional[Tensor] = None,
+                inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Cast x for state row ``row`` under ``recipe``: ``current`` scales from x's own amax;
+    ``delayed`` from the row's history, seeded from x's own amax while the history is empty.
+    Either way x's amax joins the row's current slot."""
     history = state.shape[-1] - 1
-    if recipe == "current" or row == GRAD:
+    if recipe == "current":
         own = amax_of(x).reshape(1)
-        return cast(x, own, state[row, history:], FORMATS[row])
-    if not seeded[row]:
-        state[row, :history].copy_(torch.maximum(state[row, :history], amax_of(x)))
-        seeded[row] = True
-    return cast(x, state[row, :history], state[row, history:], FORMATS[row])
+        return cast(x, own, state[row, history:], FORMATS[row], out=out, inv=inv)
+    seed(x, state[row, :history])
+    return cast(x, state[row, :history], state[row, history:], FORMATS[row], out=out, inv=inv)
+
+
+class WeightCast:
+    """A weight's FP8 copies for the current optimizer step: ``w8`` [out, in] (the forward's
+    operand), ``w8t`` [in, out] contiguous (the input gradient's) and the de-scale ``inv``, in
+    buffers allocated once (their addresses stay fixed, so CUDA graphs may read them). ``get``
+    recasts when ``stale`` (``end_step`` sets it after each optimizer step)."""
+
+    def __init__(self):
+        self.w8 = self.w8t = self.inv = None
+        self.stale = True
+
+    def refresh(self, weight: Tensor, state: Tensor, recipe: str) -> None:
+        w = weight.detach()
+        if self.w8 is None or self.w8.shape != w.shape or self.w8.device != w.device:
+            self.w8 = torch.empty(w.shape, dtype=FORMATS[WEIGHT], device=w.device)
+            self.w8t = torch.empty(w.shape[::-1], dtype=FORMATS[WEIGHT], device=w.device)
+            self.inv = torch.empty(1, dtype=torch.float32, device=w.device)
+        cast_scaled(w, state, WEIGHT, recipe, out=self.w8, inv=self.inv)
+        self.w8t.view(torch.uint8).copy_(self.w8.view(torch.uint8).t())  # a byte copy: any torch
+        self.stale = False
+
+    def get(self, weight: Tensor, state: Tensor, recipe: str) -> tuple[Tensor, Tensor, Tensor]:
+        if self.stale:
+            self.refresh(weight, state, recipe)
+        return self.w8, self.w8t, self.inv
 
 
 # --- the FP8 GEMM --------------------------------------------------------------------------------
@@ -213,21 +290,25 @@ class FP8Linear(torch.autograd.Function):
     before the GEMM; all-reduce or reduce-scatter of dx after it), synchronous."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, main_grad, state, seeded, recipe, tp=None):
+    def forward(ctx, x, weight, bias, main_grad, state, recipe, tp=None, weight_cast=None):
         group, allreduce_dgrad, sequence_parallel = tp or (None, False, False)
         ctx.tp = group, allreduce_dgrad, sequence_parallel
         if sequence_parallel:
             x = _gather_sequence(x, group)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        x8, x_inv = cast_scaled(x2, state, INPUT, recipe, seeded)
-        w8, w_inv = cast_scaled(weight, state, WEIGHT, recipe, seeded)
+        x8, x_inv = cast_scaled(x2, state, INPUT, recipe)
+        if weight_cast is not None:
+            w8, w8t, w_inv = weight_cast.get(weight, state, recipe)
+        else:
+            (w8, w_inv), w8t = cast_scaled(weight, state, WEIGHT, recipe), None
         # y = x @ W^T: W [out, in] row-major is W^T [in, out] column-major, as _scaled_mm wants
         y = scaled_mm(x8, w8.t(), x_inv, w_inv, x.dtype, fast_accum=True)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x2, weight, w8, w_inv)
-        ctx.main_grad, ctx.state, ctx.seeded, ctx.recipe = main_grad, state, seeded, recipe
+        ctx.save_for_backward(x2, weight, w8 if w8t is None else w8t, w_inv)
+        ctx.transposed = w8t is not None
+        ctx.main_grad, ctx.state, ctx.recipe = main_grad, state, recipe
         ctx.use_bias, ctx.shape = bias is not None, shape
         return y.reshape(*shape[:-1], y.shape[-1])
 
@@ -235,10 +316,11 @@ class FP8Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, weight, w8, w_inv = ctx.saved_tensors
+        w8t = w8 if ctx.transposed else w8.t().contiguous()
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-        g8, g_inv = cast_scaled(dy2, ctx.state, GRAD, ctx.recipe, ctx.seeded)
+        g8, g_inv = cast_scaled(dy2, ctx.state, GRAD, ctx.recipe)
         # dx = dy @ W: W [out, in] as the column-major right operand is W^T stored row-major
-        dx = scaled_mm(g8, w8.t().contiguous().t(), g_inv, w_inv, dy.dtype)
+        dx = scaled_mm(g8, w8t.t(), g_inv, w_inv, dy.dtype)
         grad_bias = dy2.sum(0) if ctx.use_bias else None
         main_grad = ctx.main_grad
         if main_grad is None:
@@ -260,12 +342,14 @@ class FP8Linear(torch.autograd.Function):
         return dx, grad_weight, grad_bias, None, None, None, None, None
 
 
-def fp8_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor, seeded: list,
-               recipe: str = "delayed", main_grad: Optional[Tensor] = None, tp=None) -> Tensor:
-    """The FP8 linear layer as a function (see ``FP8Linear``)."""
+def fp8_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor,
+               recipe: str = "delayed", main_grad: Optional[Tensor] = None, tp=None,
+               weight_cast: Optional[WeightCast] = None) -> Tensor:
+    """The FP8 linear layer as a function (see ``FP8Linear``). ``weight_cast``: the weight's
+    ``WeightCast`` (cast once per optimizer step), or None to cast it in this call."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r} not in {RECIPES}")
-    return FP8Linear.apply(x, weight, bias, main_grad, state, seeded, recipe, tp)
+    return FP8Linear.apply(x, weight, bias, main_grad, state, recipe, tp, weight_cast)
 
 
 def supported(device=None) -> bool:
@@ -300,7 +384,7 @@ class _FP8Mixin:
         if state is None or state.device != input.device:
             # a plain attribute, not a buffer: Float16Module would cast a buffer to bf16, and
             # checkpoints do not carry it (a resumed run re-seeds from its first call)
-            self.fp8_state, self.fp8_seeded, self.fp8_steps = new_state(input.device), [False] * 3, 0
+            self.fp8_state, self.fp8_steps, self.fp8_weight = new_state(input.device), 0, WeightCast()
             state = self.fp8_state
         main_grad = weight.main_grad if kwargs.get("gradient_accumulation_fusion") and hasattr(weight, "main_grad") else None
         tp = None
@@ -308,13 +392,20 @@ class _FP8Mixin:
             from megatron.core import parallel_state
             group = kwargs.get("tp_group") or parallel_state.get_tensor_model_parallel_group()
             tp = (group, bool(kwargs.get("allreduce_dgrad")), bool(kwargs.get("sequence_parallel")))
-        return fp8_linear(input, weight, kwargs.get("bias"), state, self.fp8_seeded, self.fp8_recipe, main_grad, tp)
+        return fp8_linear(input, weight, kwargs.get("bias"), state, self.fp8_recipe, main_grad, tp, self.fp8_weight)
 
     def fp8_end_step(self) -> None:
-        """The current step's amax values join the history (delayed scaling)."""
+        """After an optimizer step: the step's amax values join the history (delayed scaling),
+        and the FP8 weight is recast before its next use."""
         if getattr(self, "fp8_state", None) is not None:
             roll_history(self.fp8_state, self.fp8_steps)
             self.fp8_steps += 1
+            self.fp8_weight.stale = True
+
+    def fp8_refresh(self) -> None:
+        """Recast a stale FP8 weight now (what the layer's forward would do first)."""
+        if getattr(self, "fp8_state", None) is not None and self.fp8_weight.stale and self.weight is not None:
+            self.fp8_weight.refresh(self.weight, self.fp8_state, self.fp8_recipe)
 
 
 class FP8ColumnParallelLinear(_FP8Mixin, ColumnParallelLinear):
@@ -338,19 +429,43 @@ def linear_classes(recipe: Optional[str]):
     return column, row
 
 
+def fp8_layers(module) -> list:
+    """The FP8 linear layers under ``module`` (looked up once per module)."""
+    layers = getattr(module, "_ualm_fp8_layers", None)
+    if layers is None:
+        layers = [m for m in module.modules() if isinstance(m, _FP8Mixin)]
+        try:
+            module._ualm_fp8_layers = layers
+        except AttributeError:
+            pass
+    return layers
+
+
 def end_step(*models) -> int:
     """Call after each optimizer step: every FP8 layer of ``models`` moves this step's amax
-    into its history. Returns the number of FP8 layers (0: nothing to do)."""
+    into its history and marks its FP8 weight stale. Returns the number of FP8 layers (0:
+    nothing to do)."""
     n = 0
     for model in models:
-        layers = getattr(model, "_ualm_fp8_layers", None)
-        if layers is None:
-            layers = [m for m in model.modules() if isinstance(m, _FP8Mixin)]
-            try:
-                model._ualm_fp8_layers = layers
-            except AttributeError:
-                pass
-        for layer in layers:
+        for layer in fp8_layers(model):
             layer.fp8_end_step()
-        n += len(layers)
+            n += 1
     return n
+
+
+def refresh_stale(modules) -> None:
+    """Recast the stale FP8 weights of the FP8 layers under ``modules``: a CUDA-graph replay
+    calls it before replaying those modules' forward (the graph reads the weight buffers)."""
+    for module in modules:
+        for layer in fp8_layers(module):
+            layer.fp8_refresh()
+
+
+def reset_grad_scaling(modules) -> None:
+    """Forget the gradients' amax (history and current step) of the FP8 layers under
+    ``modules``; their next backward seeds it from its own gradient. The decoder graph's
+    warm-up calls it after back-propagating its synthetic gradient."""
+    for module in modules:
+        for layer in fp8_layers(module):
+            if getattr(layer, "fp8_state", None) is not None:
+                layer.fp8_state[GRAD].zero_()

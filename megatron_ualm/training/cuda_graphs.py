@@ -34,6 +34,10 @@ How it stays the same computation:
   parameters ready after the layer's backward (``register_grad_ready``), and with
   ``overlap_param_gather`` it calls DDP's forward pre-hooks of the layer's modules before the
   layer's forward (they wait for that layer's all-gather).
+* With ``training.fp8`` the layers' FP8 weights live in fixed buffers that the graphs read;
+  a replay recasts the stale ones (after an optimizer step) before replaying a layer's
+  forward, and the gradients' FP8 scaling history is cleared after the warm-up, whose
+  gradient was synthetic (``model/fp8.py``).
 * A batch of another shape, an evaluation pass (no gradients) or inference runs eagerly.
 * One forward and its backward at a time (what megatron's schedules do without pipeline
   parallelism): a forward replay reuses the memory of the previous one's activations, so a
@@ -51,6 +55,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from megatron_ualm.model import fp8
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +313,7 @@ class DecoderGraph:
                 self.segmented_pass(self.hidden, self.docs, self.rotary, torch.ones_like)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        fp8.reset_grad_scaling(self.decoder.layers)  # training.fp8: the warm-up's gradient was synthetic
 
         self.mask_cache.clear()  # the block mask must be built inside the first layer's forward graph
         pool = torch.cuda.graph_pool_handle()
@@ -354,6 +361,7 @@ class DecoderGraph:
         for seg in self.segments:
             if gather:
                 self._wait_param_gather(seg.modules)
+            fp8.refresh_stale(seg.modules)  # training.fp8: weights cast once per optimizer step
             seg.fwd.replay()
         self.replays += 1
         return self.segments[-1].out.detach()
