@@ -175,6 +175,8 @@ def part_step(args, device) -> dict:
     shape_7b = dict(SHAPE_7B_8L, num_layers=args.layers_7b)
     runs = ({"tiny": (TINY, 2, 64)} if args.tiny
             else {"1.5b": (FULL, 2, 4096), f"7b-width-{args.layers_7b}-layers": (shape_7b, 1, 4096)})
+    if not args.tiny:
+        runs = {k: v for k, v in runs.items() if k.split("-")[0] in args.step_shapes.split(",")}
     out = {}
     for name, (shape, mb, seq) in runs.items():
         flops = model_flops_per_token(shape, padded_vocab(ModelConfig(**shape), 1).size, seq)
@@ -203,7 +205,7 @@ def _rel_diffs(a: list, b: list, tail: int) -> list:
     return [abs(y - x) / abs(x) for x, y in zip(a[-tail:], b[-tail:])]
 
 
-LOSS_WARMUP, LOSS_LR, LOSS_WINDOW = 20, 1e-4, 10
+LOSS_WARMUP, LOSS_LR, LOSS_WINDOWS = 20, 1e-4, (10, 20)
 
 
 def part_loss(args, device) -> dict:
@@ -236,16 +238,20 @@ def part_loss(args, device) -> dict:
         _free(device)
     tail = min(50, steps)
     out = {"shape": shape, "seq_length": seq, "micro_batch": 2, "steps": steps, "lr": LOSS_LR,
-           "lr_warmup_steps": LOSS_WARMUP, "moving_mean_window": LOSS_WINDOW, **curves}
-    smooth = {k: _moving_mean(v, LOSS_WINDOW) for k, v in curves.items()}
+           "lr_warmup_steps": LOSS_WARMUP, **curves}
+    base_mean = statistics.fmean(curves["bf16"][-tail:])
     for other in ("fp8", "bf16_seed2"):
         raw = _rel_diffs(curves["bf16"], curves[other], tail)
-        mean = _rel_diffs(smooth["bf16"], smooth[other], tail)
         out[f"{other}_max_rel_diff_last_{tail}"] = max(raw)
-        out[f"{other}_mean_rel_diff_last_{tail}"] = statistics.fmean(raw)
-        out[f"{other}_max_rel_diff_moving_mean_last_{tail}"] = max(mean)
-        print(f"loss: {other} against bf16 over the last {tail} steps: largest relative difference {max(raw):.3e} "
-              f"(mean {statistics.fmean(raw):.3e}); of the {LOSS_WINDOW}-step moving means {max(mean):.3e}", flush=True)
+        line = f"largest relative difference {max(raw):.2%}"
+        for window in LOSS_WINDOWS:
+            smooth = _rel_diffs(_moving_mean(curves["bf16"], window), _moving_mean(curves[other], window), tail)
+            out[f"{other}_max_rel_diff_{window}_step_mean_last_{tail}"] = max(smooth)
+            line += f"; of the {window}-step moving means {max(smooth):.2%}"
+        rel_mean = statistics.fmean(curves[other][-tail:]) / base_mean - 1
+        out[f"{other}_rel_diff_of_mean_last_{tail}"] = rel_mean
+        print(f"loss: {other} against bf16 over the last {tail} steps: {line}; of the mean loss {rel_mean:+.2%}",
+              flush=True)
     return out
 
 
@@ -258,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per throughput run (after 3 warm-up)")
     p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step in part step")
     p.add_argument("--layers-7b", type=int, default=16, help="decoder layers of the 7B-width model in part step")
+    p.add_argument("--step-shapes", default="1.5b,7b", help="comma list of 1.5b, 7b: the models of part step")
     p.add_argument("--loss-steps", type=int, default=None, help="default 220 (tiny: 4)")
     p.add_argument("--loss-layers", type=int, default=28)
     p.add_argument("--loss-seq", type=int, default=2048)
