@@ -302,6 +302,9 @@ def find_syncs(step, device) -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4096x2:packed", help="comma list of SEQxMB:packed|unpacked")
+    p.add_argument("--model", default="1.5b", choices=["1.5b", "7b"], help="Qwen2.5-1.5B or -7B widths")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
+    p.add_argument("--fp8", default=None, choices=["delayed", "current"], help="FP8 GEMMs (training.fp8)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=3)
@@ -340,8 +343,10 @@ def main(argv=None) -> int:
                            no_fast_optimizer=a.no_fast_optimizer,
                            no_wgrad_fusion=a.no_wgrad_fusion, no_host_plan=a.no_host_plan, no_clip_in_adam=a.no_clip_in_adam,
                            no_cuda_graphs=a.no_cuda_graphs, accumulate=a.accumulate, steps=a.steps, warmup=a.warmup,
-                           min_doc=256, max_doc=2048)
-    shape = ms.TINY if a.tiny else ms.FULL
+                           min_doc=256, max_doc=2048, fp8=a.fp8)
+    shape = dict(ms.TINY if a.tiny else {"1.5b": ms.FULL, "7b": ms.SHAPE_7B}[a.model])
+    if a.layers:
+        shape["num_layers"] = a.layers
     args.bf16 = not a.tiny
     t0 = time.perf_counter()
     model, make_phases = ms.build_ualm(args, shape, device)
