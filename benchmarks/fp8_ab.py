@@ -11,7 +11,7 @@ Three parts, bf16 and FP8 measured by the same script run, results in ``--out``/
    * the bf16 forward GEMM, the FP8 forward GEMM alone (``_scaled_mm``, operands cast
      beforehand), and the activation cast: the fused kernel with delayed scaling (one read,
      one write), current scaling (amax pass + kernel) and a naive amax + scale + clamp +
-     cast in PyTorch;
+     cast in PyTorch; the weight's cast with its transposed copy (once per optimizer step);
    * a whole layer forward + backward (weight gradient accumulated into an fp32 main_grad):
      bf16 (megatron's math) vs ``fp8.FP8Linear`` with delayed and with current scaling, the
      weight cast in every call (one micro-batch per optimizer step).
@@ -107,6 +107,8 @@ def part_gemm(args, device) -> dict:
             r["cast_delayed_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "delayed"), device, iters)
             r["cast_current_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "current"), device, iters)
             r["cast_naive_ms"] = timed(lambda: naive_cast(x, fp8.E4M3), device, iters)
+            wcast = fp8.WeightCast()
+            r["weight_cast_transpose_ms"] = timed(lambda: wcast.refresh(w, state, "delayed"), device, iters)
             r["bf16_tflops"] = flop / r["bf16_fwd_ms"] / 1e9
             r["fp8_tflops"] = flop / r["fp8_fwd_gemm_ms"] / 1e9
 
@@ -140,7 +142,7 @@ def part_gemm(args, device) -> dict:
             print(f"gemm {name:4s} {layer:4s} [{tokens}x{n_in}]x[{n_in}x{n_out}]: fwd bf16 {r['bf16_fwd_ms']:.3f} ms "
                   f"({r['bf16_tflops']:.0f} TF/s), fp8 {r['fp8_fwd_gemm_ms']:.3f} ms ({r['fp8_tflops']:.0f} TF/s); "
                   f"cast delayed {r['cast_delayed_ms']:.3f} / current {r['cast_current_ms']:.3f} / naive "
-                  f"{r['cast_naive_ms']:.3f} ms; layer fwd+bwd bf16 {r['bf16_layer_fwd_bwd_ms']:.3f}, fp8 delayed "
+                  f"{r['cast_naive_ms']:.3f} ms; weight cast + transpose {r['weight_cast_transpose_ms']:.3f} ms; layer fwd+bwd bf16 {r['bf16_layer_fwd_bwd_ms']:.3f}, fp8 delayed "
                   f"{r['fp8_delayed_layer_fwd_bwd_ms']:.3f} ({r['speedup_delayed']:.2f}x), current "
                   f"{r['fp8_current_layer_fwd_bwd_ms']:.3f} ({r['speedup_current']:.2f}x)", flush=True)
             del x, w, dy, x8, w8, main_grad, xr, wr

@@ -260,6 +260,25 @@ def test_triton_cast_equals_the_reference_bit_for_bit(dtype, n):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("shape", [(1, 1), (130, 70), (2048, 1536), (3584 + 16, 18944)])
+def test_triton_cast_transpose_equals_the_reference_bit_for_bit(shape):
+    g = torch.Generator(device="cuda").manual_seed(shape[0])
+    x = (torch.randn(shape, device="cuda", generator=g) * 3).bfloat16()
+    past = torch.tensor([0.0, 2.5, 1.0], device="cuda")
+    got = [torch.empty(shape, dtype=fp8.E4M3, device="cuda"), torch.empty(shape[::-1], dtype=fp8.E4M3, device="cuda"),
+           torch.empty(1, device="cuda"), torch.full((1,), 0.25, device="cuda")]
+    fp8.cast_transpose_kernel(x, past, got[3], fp8.E4M3, got[0], got[1], got[2])
+    want_amax = torch.full((1,), 0.25, device="cuda")
+    q, inv = fp8.cast_reference(x, past, want_amax, fp8.E4M3)
+    assert torch.equal(got[0].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(got[1].view(torch.uint8), q.view(torch.uint8).t())
+    assert torch.equal(got[3], want_amax)
+    torch.testing.assert_close(got[2], inv, rtol=2 ** -23, atol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("n", [1, 2047, 8192 * 1536 + 5])
 def test_triton_seed_equals_the_reference(n):
     g = torch.Generator(device="cuda").manual_seed(n)

@@ -148,7 +148,29 @@ if HAVE_TRITON:
         tl.atomic_max(past_ptr, tl.max(local, axis=0))
 
 
+    @triton.jit
+    def _cast_transpose_kernel(x_ptr, out_ptr, out_t_ptr, past_ptr, amax_ptr, inv_ptr, M, N, fp8_max, margin_mult,
+                               H: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # the cast of a [M, N] tile grid, written as [M, N] and transposed as [N, M]
+        hs = tl.arange(0, HP)
+        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
+        ok = (past > 0.0) & (past < float("inf"))
+        scale = tl.where(ok, tl.math.div_rn(fp8_max, tl.where(ok, past, 1.0)) * margin_mult, 1.0)
+        pm, pn = tl.program_id(0), tl.program_id(1)
+        if (pm == 0) & (pn == 0):
+            tl.store(inv_ptr, tl.math.div_rn(1.0, scale))
+        rows = tl.cast(pm, tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.cast(pn, tl.int64) * BN + tl.arange(0, BN)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], y, mask=inside)
+        tl.store(out_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(y), mask=tl.trans(inside))
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+
+
 BLOCK, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
+TILE = 128  # cast-transpose tile (rows and columns)
 
 
 def _programs(device) -> int:
@@ -194,6 +216,29 @@ def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Opt
     if _use_kernel(x):
         return cast_kernel(x, past, amax_out, dtype, out=out, inv=inv)
     return cast_reference(x, past, amax_out, dtype, out=out, inv=inv)
+
+
+def cast_transpose_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Tensor,
+                          out_t: Tensor, inv: Tensor, margin: int = MARGIN) -> None:
+    """The Triton cast of a 2-D x into ``out`` [M, N] and ``out_t`` [N, M] (its transpose),
+    in one pass; otherwise the contract of ``cast_kernel``."""
+    x = x.contiguous()
+    m, n = x.shape
+    h = past.numel()
+    grid = (triton.cdiv(m, TILE), triton.cdiv(n, TILE))
+    _cast_transpose_kernel[grid](x, out, out_t, past, amax_out, inv, m, n, FP8_MAX[dtype], 2.0 ** -margin,
+                                 H=h, HP=max(16, triton.next_power_of_2(h)), BM=TILE, BN=TILE, num_warps=8)
+
+
+def cast_transpose(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Tensor, out_t: Tensor,
+                   inv: Tensor) -> None:
+    """``cast`` of a 2-D x into ``out`` and its transpose into ``out_t``: one Triton kernel for
+    CUDA tensors (fusions enabled), ``cast_reference`` and a byte copy elsewhere."""
+    if _use_kernel(x):
+        cast_transpose_kernel(x, past, amax_out, dtype, out, out_t, inv)
+    else:
+        cast_reference(x, past, amax_out, dtype, out=out, inv=inv)
+        out_t.view(torch.uint8).copy_(out.view(torch.uint8).t())
 
 
 def seed_reference(x: Tensor, past: Tensor) -> None:
@@ -247,8 +292,13 @@ class WeightCast:
             self.w8 = torch.empty(w.shape, dtype=FORMATS[WEIGHT], device=w.device)
             self.w8t = torch.empty(w.shape[::-1], dtype=FORMATS[WEIGHT], device=w.device)
             self.inv = torch.empty(1, dtype=torch.float32, device=w.device)
-        cast_scaled(w, state, WEIGHT, recipe, out=self.w8, inv=self.inv)
-        self.w8t.view(torch.uint8).copy_(self.w8.view(torch.uint8).t())  # a byte copy: any torch
+        history = state.shape[-1] - 1
+        if recipe == "current":
+            past = amax_of(w).reshape(1)
+        else:
+            past = state[WEIGHT, :history]
+            seed(w, past)
+        cast_transpose(w, past, state[WEIGHT, history:], FORMATS[WEIGHT], self.w8, self.w8t, self.inv)
         self.stale = False
 
     def get(self, weight: Tensor, state: Tensor, recipe: str) -> tuple[Tensor, Tensor, Tensor]:
