@@ -46,8 +46,9 @@ Activations: what one decoder layer keeps for backward (measured against a real 
 * Held layers: ``Ls`` layers x the micro-batches in flight: 1 without pipelining; with the
   1F1B schedule stage ``i`` holds ``min(PP - i, M)`` (M micro-batches per step), so stage 0
   holds the most. Interleaved (virtual) pipelining is refused.
-* ``embedding``: per micro-batch in flight on stage 0, ``embedding_bag``'s saved ids, bag
-  offsets and per-sample weights, ``T K (8 + 8 + a)``, and under SP nothing more.
+* ``embedding``: per micro-batch in flight on stage 0, what ``embedding_bag`` saves: the
+  int64 ids and (CUDA) their bag index, the per-sample weights, and three int64 per-row
+  vectors (offsets, bag sizes, max indices): ``T K (8 + 8 + a) + 24 T``.
 * ``final_norm``: the last stage's final RMSNorm input and 1/rms, ``(a T H + 4 T) / s``.
 * ``head``: the fused cross entropy (``fused_ce.py``) keeps its input rows and, per stream,
   ``softmax - onehot`` in the compute dtype: ``a T K H`` (rows of every stream, the worst
@@ -313,7 +314,7 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
             "optimizer": -(-opt_per_param * trainable // lay.dp) if lay.distributed_optimizer
             else opt_per_param * trainable,
             "activations": layer * (m.num_layers // lay.pp) * in_flight,
-            "embedding": (T * m.num_codebooks * (16 + a)) * in_flight if stage == 0 else 0,
+            "embedding": (T * m.num_codebooks * (16 + a) + 24 * T) * in_flight if stage == 0 else 0,
             "final_norm": final_norm_bytes(m, lay.tp, lay.sp, T, a) if last else 0,
             "head": head_held if last else 0,
             "transient": max(head_transient if last else 0, mlp_grads + recomputed),
