@@ -49,6 +49,9 @@ Activations: what one decoder layer keeps for backward (measured against a real 
 * ``embedding``: per micro-batch in flight on stage 0, what ``embedding_bag`` saves: the
   int64 ids and (CUDA) their bag index, the per-sample weights, and three int64 per-row
   vectors (offsets, bag sizes, max indices): ``T K (8 + 8 + a) + 24 T``.
+* ``pipeline_output``: a non-last stage keeps each in-flight micro-batch's output, the
+  tensor it sent on, until that micro-batch's backward (megatron's
+  ``deallocate_pipeline_outputs`` is off): ``a T H / s`` per micro-batch in flight.
 * ``final_norm``: the last stage's final RMSNorm input and 1/rms, ``(a T H + 4 T) / s``.
 * ``head``: the fused cross entropy (``fused_ce.py``) keeps its input rows and, per stream,
   ``softmax - onehot`` in the compute dtype: ``a T K H`` (rows of every stream, the worst
@@ -294,6 +297,10 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
     notes = []
     if m.attention_backend == "unfused":
         notes.append("model.attention_backend=unfused: its float32 score matrices are not modelled")
+    if cfg.training.freeze:
+        notes.append("training.freeze is not modelled: the frozen parameters are counted trainable")
+    if not m.encoder.frozen and m.encoder.kind != "none":
+        notes.append("model.encoder.frozen=false: the encoder's own activations are not modelled")
     if cfg.training.fp8:
         notes.append("training.fp8 is not modelled: activations counted in bf16")
     layer = layer_activation_bytes(m, lay.tp, lay.sp, lay.recompute, T, lay.micro_batch, a)
@@ -315,6 +322,7 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
             else opt_per_param * trainable,
             "activations": layer * (m.num_layers // lay.pp) * in_flight,
             "embedding": (T * m.num_codebooks * (16 + a) + 24 * T) * in_flight if stage == 0 else 0,
+            "pipeline_output": 0 if last else a * T * m.hidden_size // (lay.tp if lay.sp else 1) * in_flight,
             "final_norm": final_norm_bytes(m, lay.tp, lay.sp, T, a) if last else 0,
             "head": head_held if last else 0,
             "transient": max(head_transient if last else 0, mlp_grads + recomputed),
@@ -366,13 +374,13 @@ def format_budget(b: Budget) -> str:
     lines = [f"layout: {lay.label()}, micro-batch {lay.micro_batch} x seq {lay.seq_length}, "
              f"{lay.microbatches} micro-batches per step, distributed optimizer "
              f"{'on' if lay.distributed_optimizer else 'off'}"]
-    head = f"{'GiB per rank':14s}" + "".join(f"{'stage ' + str(s.stage):>10s}" for s in b.stages)
+    head = f"{'GiB per rank':16s}" + "".join(f"{'stage ' + str(s.stage):>10s}" for s in b.stages)
     lines.append(head)
     for name in b.stages[0].terms:
-        lines.append(f"{name:14s}" + "".join(f"{s.terms[name] / GiB:10.2f}" for s in b.stages))
-    lines.append(f"{'total':14s}" + "".join(f"{s.total / GiB:10.2f}" for s in b.stages))
+        lines.append(f"{name:16s}" + "".join(f"{s.terms[name] / GiB:10.2f}" for s in b.stages))
+    lines.append(f"{'total':16s}" + "".join(f"{s.total / GiB:10.2f}" for s in b.stages))
     if lay.pp > 1:
-        lines.append(f"{'in flight':14s}" + "".join(f"{s.in_flight:10d}" for s in b.stages))
+        lines.append(f"{'in flight':16s}" + "".join(f"{s.in_flight:10d}" for s in b.stages))
     w = b.worst
     verdict = "FITS" if b.fits else "DOES NOT FIT"
     lines.append(f"{verdict}: worst rank (stage {w.stage}) {w.total / GiB:.2f} GiB of {b.gpu_bytes / GiB:.2f} GiB, "
