@@ -164,13 +164,13 @@ def main(argv=None) -> int:
         print("warning: the 7B width on CPU is very slow; use --tiny", file=sys.stderr)
 
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
+    from megatron_ualm.training.memory_budget import RESERVE_BYTES
     init_runtime(device=device.type, seed=1234)
     rows = measure(args, device)
     per_layer = slopes(rows, args.layers)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{'tiny' if args.tiny else '7B'} width, seq {args.seq_length}, micro-batch {args.micro_batch}, TP=1, "
-          f"one device ({name}); GiB; predicted = the budget without / with its "
-          f"{__import__('megatron_ualm.training.memory_budget', fromlist=['x']).RESERVE_BYTES / GIB:.0f} GiB reserve")
+          f"one device ({name}); GiB; predicted = the budget without / with its {RESERVE_BYTES / GIB:.0f} GiB reserve")
     print(f"{'layers':>6s} {'recompute':>9s} {'tokens/s':>10s} {'allocated':>9s} {'reserved':>9s} "
           f"{'predicted':>9s} {'+reserve':>9s}")
     for r in rows:

@@ -105,6 +105,23 @@ def test_parameter_counts_equal_the_built_model(runtime):
     assert {k: first[k] + last[k] for k in whole} == whole
 
 
+def test_pipeline_first_stage_holds_one_micro_batch_per_stage():
+    from megatron_ualm.config import load_config
+    from megatron_ualm.training import memory_budget as mb
+    tiny = os.path.join(ROOT, "examples", "tiny.yaml")
+    cfg = load_config(tiny, ["model.num_layers=4", "parallel.pipeline_parallel=2", "training.global_batch_size=8"])
+    b = mb.memory_budget(cfg, 2, 80 * mb.GiB)
+    m, T = cfg.model, cfg.training.micro_batch_size * cfg.data.seq_length
+    layer = mb.layer_activation_bytes(m, 1, False, m.recompute, T, cfg.training.micro_batch_size, 4)  # fp32 run
+    assert [s.in_flight for s in b.stages] == [2, 1]
+    assert [s.terms["activations"] for s in b.stages] == [2 * 2 * layer, 2 * layer]
+    assert b.stages[0].terms["head"] == 0 < b.stages[1].terms["head"]
+    # one micro-batch per step: nothing else can be in flight
+    one = mb.memory_budget(load_config(tiny, ["model.num_layers=4", "parallel.pipeline_parallel=2",
+                                              "training.global_batch_size=2"]), 2, 80 * mb.GiB)
+    assert [s.in_flight for s in one.stages] == [1, 1]
+
+
 # --- activations ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_activation_bytes_equal_what_the_decoder_saves(runtime, monkeypatch, recompute):
