@@ -36,7 +36,9 @@ Activations: what one decoder layer keeps for backward (measured against a real 
   whose storage the value view keeps whole; rotated q and k; the attention output, which
   is also the projection's input) ``+ 4 T nq / TP`` (float32 log-sum-exp)
   ``+ a T (2F + F) / TP`` (fc1's output, kept by the SwiGLU backward; SwiGLU's output,
-  fc2's input).
+  fc2's input). FlexAttention (packed batches on GPU) returns its output in the query's
+  layout, so the projection's input is a view of it; a kernel that returns another layout
+  (plain SDPA on unpacked batches of micro-batch > 1) adds a copy, ``a T nq d / TP``.
 * ``recompute=selective``: with fused attention kernels (sdpa / flex / te) the SwiGLU MLP is
   recomputed (``transformer_config.py``): the none figure less ``a T 3F / TP`` (the MLP
   checkpoint keeps its input, the norm output already counted). ``attention_backend=unfused``
@@ -59,7 +61,7 @@ Activations: what one decoder layer keeps for backward (measured against a real 
   0 over the rank's whole shard, streams 1..K-1 over their codebook block's local rows
   w_k <= C + 1) ``+ 4 T K 2`` (the float32 dense CE and loss).
 
-Transients (the peak adds the larger of the two):
+Transients (the table's ``transient`` row: the peak adds the larger of the two):
 
 * ``head_backward``: the head weight's gradient in the compute dtype ``a Vp H / TP`` and the
   rows' gradient ``a T K H`` while all activations are still held (start of backward).
