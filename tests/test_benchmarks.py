@@ -15,6 +15,7 @@ SMOKE = {
     "build_shards": ["--clips", "8"],
     "checkpoint_hash": ["--tiny"],
     "fp8_ab": ["--tiny", "--out", "."],  # emulated FP8 on CPU
+    "memory_7b": ["--tiny", "--device", "cpu", "--json", "memory_7b.json"],
     "codec_overhead": ["--tiny", "--rounds", "1"],
     "dpo_step": ["--tiny", "--steps", "1"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],
