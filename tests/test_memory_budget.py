@@ -208,3 +208,25 @@ def test_cli_search_lists_7b_layouts_for_8_h100(capsys):
     # ordered by model-parallel ranks: TP=1 first, the 8-way layouts last
     first_tp = [int(r.split()[0].split("=")[1].split("+")[0]) for r in rows]
     assert first_tp[0] == 1 and all(float(r.split()[-1]) >= 0 for r in rows)
+
+
+def test_fp8_weight_copies_equal_what_the_fp8_layers_hold(runtime):
+    """``training.fp8``: the budget's fp8_weights term equals the bytes of the FP8 weight copies
+    (forward operand and transpose) the model's layers keep after a forward."""
+    from megatron_ualm.config import EncoderConfig, UALMConfig
+    from megatron_ualm.model import fp8
+    from megatron_ualm.model.transformer_config import transformer_config_from
+    from megatron_ualm.model.ualm_model import UALMModel
+    from megatron_ualm.training.memory_budget import memory_budget
+    m = _model_cfg(encoder=EncoderConfig(kind="none"))
+    model = UALMModel(m, transformer_config_from(m, None, "bf16", use_cpu_initialization=True, fp8="delayed"))
+    model.decoder(torch.randn(16, 1, m.hidden_size, dtype=torch.bfloat16), None,
+                  rotary_pos_emb=model._rotary(torch.arange(16)[None], None))
+    held = sum(layer.fp8_weight.w8.nbytes + layer.fp8_weight.w8t.nbytes for layer in fp8.fp8_layers(model.decoder))
+    assert held > 0
+    cfg = UALMConfig()
+    cfg.model, cfg.training.fp8 = m, True
+    cfg.training.global_batch_size, cfg.data.seq_length = cfg.training.micro_batch_size, 64
+    assert memory_budget(cfg, 1, 80 << 30).stages[0].terms["fp8_weights"] == held
+    cfg.training.fp8 = False
+    assert memory_budget(cfg, 1, 80 << 30).stages[0].terms["fp8_weights"] == 0

@@ -72,7 +72,12 @@ Transients (the table's ``transient`` row: the peak adds the larger of the two):
 ``reserve``: ``RESERVE_BYTES``, an allowance for the CUDA context, NCCL's buffers and the
 caching allocator's fragmentation; a round figure, not derived from the model.
 
-Not modelled: FP8 (bf16 activations assumed), context parallelism, CUDA graph pools (the
+``fp8_weights`` (``training.fp8``): every decoder linear weight's FP8 copy and its transpose,
+one byte each, ``2 (Q H + nq d H + 3 F H) / TP`` per layer of the stage; activations stay as
+above (the FP8 layers keep their bf16 input for the weight gradient, the FP8 input is freed
+after the forward).
+
+Not modelled: context parallelism, CUDA graph pools (the
 trainer captures graphs only at TP = PP = 1 without recompute), the frozen encoder's forward
 transients (run under no_grad, before the decoder), ``training.freeze`` (counted trainable).
 """
@@ -251,6 +256,14 @@ def layer_activation_bytes(m, tp: int, sp: bool, recompute: str, tokens: int, ba
     return sum(layer_activation_terms(m, tp, sp, recompute, tokens, batch, act_bytes).values())
 
 
+def fp8_weight_elements(m, tp: int) -> int:
+    """Weight elements of one layer's four linear layers on a rank (``training.fp8`` keeps an
+    FP8 copy and its transpose of each: ``model/fp8.py`` ``WeightCast``)."""
+    q = (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    h = m.hidden_size
+    return (q * h + m.num_attention_heads * m.head_dim * h + 3 * m.ffn_hidden_size * h) // tp
+
+
 def final_norm_bytes(m, tp: int, sp: bool, tokens: int, act_bytes: int = 2) -> int:
     s = tp if sp else 1
     return (act_bytes * tokens * m.hidden_size + 4 * tokens) // s
@@ -303,8 +316,6 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
         notes.append("training.freeze is not modelled: the frozen parameters are counted trainable")
     if not m.encoder.frozen and m.encoder.kind != "none":
         notes.append("model.encoder.frozen=false: the encoder's own activations are not modelled")
-    if cfg.training.fp8:
-        notes.append("training.fp8 is not modelled: activations counted in bf16")
     layer = layer_activation_bytes(m, lay.tp, lay.sp, lay.recompute, T, lay.micro_batch, a)
     none_layer = layer_activation_bytes(m, lay.tp, lay.sp, "none", T, lay.micro_batch, a)
     mlp_grads = a * T * 3 * m.ffn_hidden_size // lay.tp
@@ -325,6 +336,7 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
             "activations": layer * (m.num_layers // lay.pp) * in_flight,
             "embedding": (T * m.num_codebooks * (16 + a) + 24 * T) * in_flight if stage == 0 else 0,
             "pipeline_output": 0 if last else a * T * m.hidden_size // (lay.tp if lay.sp else 1) * in_flight,
+            "fp8_weights": 2 * fp8_weight_elements(m, lay.tp) * (m.num_layers // lay.pp) if cfg.training.fp8 else 0,
             "final_norm": final_norm_bytes(m, lay.tp, lay.sp, T, a) if last else 0,
             "head": head_held if last else 0,
             "transient": max(head_transient if last else 0, mlp_grads + recomputed),
