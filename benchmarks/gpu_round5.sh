@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H200, one call: the fifth round's measurements that are not FP8 (see gpu_fp8.sh for those).
+# One H200, one call: the fifth round's measurements that are not FP8 (FP8: PHASES=fp8 gpu_round6.sh).
 #   dpo:    benchmarks/dpo_step.py, the DPO step's tokens/s beside the pre-training step's (1.5B)
 #   codec:  benchmarks/codec_overhead.py, the exact codec path against plain batches and TF32
 #   train:  the real trainer, 1.5B shape, 20 steps (benchmarks/multi_gpu.py): the logged MFU
