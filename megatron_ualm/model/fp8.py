@@ -8,7 +8,7 @@ bf16 (embedding, head, norms, attention core, SwiGLU, encoder). Per linear layer
 * backward ``dx = dy @ W``: dy cast to e5m2 (2 mantissa bits, range +-57344), W reused from
   the forward (e4m3); Hopper multiplies e5m2 x e4m3 (not e5m2 x e5m2);
 * backward ``dW = dy^T @ x`` stays bf16 and accumulates into the fp32 ``main_grad`` inside the
-  GEMM, as the bf16 path does (``wgrad_fusion.py``): an FP8 weight gradient would need
+  GEMM, as the bf16 path does (``kernels/wgrad.py``): an FP8 weight gradient would need
   transposed FP8 copies of dy and x and an fp32 add into ``main_grad`` after ``_scaled_mm``
   (which cannot accumulate), so a third of the layer GEMMs keep bf16 speed.
 
@@ -37,14 +37,14 @@ the communication megatron's GEMM function does (all-gather of the sequence befo
 all-reduce or reduce-scatter of the input gradient after it); each rank scales its own
 weight shard and input, so TP results equal TP=1 up to FP8 rounding.
 
-On CPU (tests) the cast is the same math in plain PyTorch (``cast_reference``) and
-``scaled_mm`` emulates ``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses
-``training.fp8`` without an FP8-capable GPU, the emulation is for checking the math.
+The cast kernel, the scaling math and the GEMM call are in ``kernels/fp8_cast.py``; on CPU
+(tests) the cast is the same math in plain PyTorch (``cast_reference``) and ``scaled_mm``
+emulates ``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses ``training.fp8``
+without an FP8-capable GPU, the emulation is for checking the math.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -52,40 +52,13 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_ualm.model import fusions
-from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # None without Triton
-from megatron_ualm.model.wgrad_fusion import _accumulate
+from megatron_ualm.kernels.fp8_cast import E4M3, E5M2, amax_of, cast, scaled_mm
+from megatron_ualm.kernels.wgrad import wgrad_gemm_accum_fp32
 
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
-FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}  # 448, 57344
-MANTISSA_BITS = {E4M3: 3, E5M2: 2}
 HISTORY = 16          # optimizer steps of amax kept for delayed scaling
-MARGIN = 0            # scale = fp8_max / amax / 2**MARGIN
 RECIPES = ("delayed", "current")
 INPUT, WEIGHT, GRAD = 0, 1, 2  # rows of a layer's amax state
 FORMATS = (E4M3, E4M3, E5M2)   # per row: the FP8 format of that tensor
-
-
-# --- scaling math (pure functions) -----------------------------------------------------------
-def scale_from_amax(amax: Tensor, fp8_max: float, margin: int = MARGIN) -> Tensor:
-    """float32 scale ``fp8_max / amax / 2**margin`` (``q = x * scale`` fits the FP8 range);
-    1 where amax is 0 or not finite (nothing to scale from)."""
-    amax = amax.float()
-    scale = torch.full_like(amax, fp8_max) / amax * (2.0 ** -margin)
-    return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
-
-
-def quantize(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``saturate(x * scale)`` in FP8: float32 product, clamped to +-fp8_max (no inf), rounded
-    to nearest even by the cast."""
-    m = FP8_MAX[dtype]
-    return (x.float() * scale).clamp(-m, m).to(dtype)
-
-
-def amax_of(x: Tensor) -> Tensor:
-    """max |x| as a float32 scalar tensor (one read of x)."""
-    return torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32) if x.numel() else x.new_zeros((), dtype=torch.float32)
 
 
 def new_state(device, history: int = HISTORY) -> Tensor:
@@ -103,69 +76,6 @@ def roll_history(state: Tensor, step: int) -> None:
     state[:, history].zero_()
 
 
-# --- the fused cast ----------------------------------------------------------------------------
-if HAVE_TRITON:
-    @triton.jit
-    def _cast_kernel(x_ptr, out_ptr, past_ptr, amax_ptr, inv_ptr, n, fp8_max, margin_mult,
-                     H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
-        # scale from the past amax values (every program computes the same one)
-        hs = tl.arange(0, HP)
-        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
-        ok = (past > 0.0) & (past < float("inf"))
-        scale = tl.where(ok, tl.math.div_rn(fp8_max, tl.where(ok, past, 1.0)) * margin_mult, 1.0)
-        pid = tl.program_id(0)
-        if pid == 0:
-            tl.store(inv_ptr, tl.math.div_rn(1.0, scale))
-        # grid-stride loop: few programs, so few atomics on the one amax address
-        local = tl.zeros([BLOCK], dtype=tl.float32)
-        for blk in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
-            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            inside = offs < n
-            x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max)
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
-            local = tl.maximum(local, tl.abs(x))
-        tl.atomic_max(amax_ptr, tl.max(local, axis=0))
-
-
-BLOCK, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
-
-
-def _programs(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
-
-
-def cast_reference(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                   margin: int = MARGIN) -> tuple[Tensor, Tensor]:
-    """What the kernel does, in PyTorch: (FP8 tensor, float32 [1] de-scale ``1 / scale``)
-    with scale from ``max(past)``; ``amax_out`` (float32 [1]) becomes max(amax_out, max|x|)."""
-    scale = scale_from_amax(past.max().reshape(1), FP8_MAX[dtype], margin)
-    q = quantize(x, scale, dtype)
-    amax_out.copy_(torch.maximum(amax_out, amax_of(x).reshape(1)))
-    return q, torch.reciprocal(scale)
-
-
-def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                margin: int = MARGIN) -> tuple[Tensor, Tensor]:
-    """The Triton kernel (CUDA): same contract as ``cast_reference``; x contiguous."""
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    inv = torch.empty(1, dtype=torch.float32, device=x.device)
-    n = x.numel()
-    h = past.numel()
-    grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
-    _cast_kernel[grid](x, out, past, amax_out, inv, n, FP8_MAX[dtype], 2.0 ** -margin,
-                       H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out, inv
-
-
-def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The Triton kernel for CUDA tensors (fusions enabled), ``cast_reference`` elsewhere."""
-    if x.is_cuda and HAVE_TRITON and fusions.ENABLED:
-        return cast_kernel(x, past, amax_out, dtype)
-    return cast_reference(x, past, amax_out, dtype)
-
-
 def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, seeded: list) -> tuple[Tensor, Tensor]:
     """Cast x for state row ``row`` under ``recipe``. Current scaling (and the gradient row
     always), and delayed scaling's first call of a row (``seeded[row]`` False), first take x's
@@ -178,16 +88,6 @@ def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, seeded: list) -
         state[row, :history].copy_(torch.maximum(state[row, :history], amax_of(x)))
         seeded[row] = True
     return cast(x, state[row, :history], state[row, history:], FORMATS[row])
-
-
-# --- the FP8 GEMM --------------------------------------------------------------------------------
-def scaled_mm(a: Tensor, b: Tensor, a_inv: Tensor, b_inv: Tensor, out_dtype: torch.dtype,
-              fast_accum: bool = False) -> Tensor:
-    """``(a * a_inv) @ (b * b_inv)`` for FP8 a [M, K] (row-major) and b [K, N] (column-major):
-    ``torch._scaled_mm`` on CUDA, a float32 emulation elsewhere."""
-    if a.is_cuda:
-        return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    return ((a.float() * a_inv) @ (b.float() * b_inv)).to(out_dtype)
 
 
 def _gather_sequence(x: Tensor, group) -> Tensor:
@@ -245,7 +145,7 @@ class FP8Linear(torch.autograd.Function):
             grad_weight = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
         else:  # megatron's gradient_accumulation_fusion contract
             weight.main_grad = main_grad
-            _accumulate(x2, dy2, main_grad)
+            wgrad_gemm_accum_fp32(x2, dy2, main_grad)
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):
                 make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
