@@ -15,6 +15,7 @@ SMOKE = {
     "build_shards": ["--clips", "8"],
     "checkpoint_hash": ["--tiny"],
     "fp8_ab": ["--tiny", "--out", "."],  # emulated FP8 on CPU
+    "liger_ab": ["--tiny", "--device", "cpu", "--json", "liger_ab.json"],  # ours vs eager; liger needs CUDA
     "codec_overhead": ["--tiny", "--rounds", "1"],
     "dpo_step": ["--tiny", "--steps", "1"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],
