@@ -13,8 +13,9 @@ Variants, each called as a user of it would:
                ``LigerSiLUMulFunction.apply(gate, up)`` on the two halves of fc1's output: the
                halves are strided views, so its ``ensure_contiguous`` copies both, and autograd
                concatenates the two half-gradients into fc1's gradient -- both timed
-  liger-fused  ``LigerFusedGateUpSiLUMulFunction.apply(y, False)`` (liger's own fused gate-up
-               SwiGLU for megatron's layout, where the installed liger has it)
+  liger-fused  ``LigerFusedGateUpSiLUMulFunction.apply(y, False)`` on fc1's output flattened to
+               [rows, 2F] (liger's own fused gate-up SwiGLU for megatron's layout, called as its
+               megatron MLP calls it; where the installed liger has it)
   eager        the plain-PyTorch references (``rms_norm``, ``swiglu_reference``)
 
 Per variant and shape: correctness of the output and of every input/weight gradient against
@@ -73,8 +74,10 @@ def load_liger():
         from liger_kernel.ops import rms_norm as liger_rms_norm
         from liger_kernel.ops import swiglu as liger_swiglu
     except ImportError as e:
-        return None, (f"liger-kernel is not installed ({e}); install it (bash benchmarks/gpu_liger.sh does, "
-                      "from .whl/extra) to compare with it")
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "liger_kernel":
+            return None, ("liger-kernel is not installed: comparing ours with eager only (bash "
+                          "benchmarks/gpu_liger.sh installs it from .whl/extra)")
+        return None, f"liger-kernel is installed but does not import ({e}): comparing ours with eager only"
     fns = {"rms_norm": liger_rms_norm.LigerRMSNormFunction, "silu_mul": liger_swiglu.LigerSiLUMulFunction,
            "fused_gate_up": getattr(liger_swiglu, "LigerFusedGateUpSiLUMulFunction", None)}
     return fns, None
@@ -102,8 +105,8 @@ def swiglu_variants(liger) -> dict:
             return silu_mul.apply(gate, up)
 
         out["liger"] = liger_halves
-        if fused is not None:
-            out["liger-fused"] = lambda y: fused.apply(y, False)
+        if fused is not None:  # it saves and returns the 2-D [rows, 2F] view: flatten as its megatron MLP does
+            out["liger-fused"] = lambda y: fused.apply(y.view(-1, y.shape[-1]), False).view(*y.shape[:-1], -1)
     out["eager"] = swiglu.swiglu_reference
     return out
 
