@@ -207,7 +207,6 @@ def measure(opts: Options, liger) -> list:
             row["gb_per_s"] = nbytes / (row["fwd_bwd_ms"] * 1e-3) / 1e9
             row["bytes"] = nbytes
             results.append(row)
-        del inputs, grad, want
     return results
 
 
