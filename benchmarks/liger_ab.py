@@ -211,7 +211,8 @@ def measure(opts: Options, liger) -> list:
 
 
 def table(results: list) -> str:
-    head = f"{'op':8} {'shape':6} {'variant':12} {'fwd ms':>8} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs ours':>8}  max rel. error vs fp32"
+    head = (f"{'op':8} {'shape':6} {'variant':12} {'fwd ms':>8} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs ours':>8}"
+            "  max rel. error vs fp32")
     lines = [head, "-" * len(head)]
     ours = {(r["op"], r["shape"]): r["fwd_bwd_ms"] for r in results if r["variant"] == "ours"}
     for r in results:
@@ -224,7 +225,8 @@ def table(results: list) -> str:
 
 def parse(argv=None) -> Options:
     d = Options()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=d.device, help="cuda (the measurement) or cpu (the smoke run)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and few iterations: a smoke run")
     p.add_argument("--iters", type=int, default=None, help=f"timed iterations per variant per round ({d.iters})")

@@ -51,8 +51,9 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Quie
 class SwiGLUMLP(MLP):
     """megatron's MLP with the gated SiLU fused on CUDA (``kernels.swiglu.fused_swiglu``, Triton):
     one kernel each way, and backward keeps fc1's output only (eager keeps SiLU(gate) as well);
-    eager on CPU or with the kernels switched off (``kernels.ENABLED``). Anything beyond the plain Qwen2 case (bias,
-    per-token scales, TE activations, clamping) goes to megatron's own forward."""
+    eager on CPU or with the kernels switched off (``kernels.ENABLED``). Anything beyond the
+    plain Qwen2 case (bias, per-token scales, TE activations, clamping) goes to megatron's own
+    forward."""
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         cfg = self.config

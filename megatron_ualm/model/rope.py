@@ -54,12 +54,13 @@ _FUSED_MARK = "__ualm_fused_rope__"
 
 def install_fused_rope() -> None:
     """Route megatron's unfused RoPE (what ``SelfAttention`` calls without TE) through
-    ``kernels.rope.fused_rotate`` for CUDA tensors while the kernels are on (``kernels.use_kernels``:
-    one Triton kernel each way in the plain case, ``fusable``; eager ``rotate``, the same
-    computation as megatron's, for other shapes or dtypes); every other call (CPU, interleaved, MLA, mscale, partial rotary dim) keeps
-    megatron's function. Same math, in float32 with one rounding; megatron's eager version runs
-    about eight elementwise kernels per q/k each way. Idempotent, process-wide (megatron offers
-    no per-model hook for this without TE's fused kernel)."""
+    ``kernels.rope.fused_rotate`` for CUDA tensors while the kernels are on
+    (``kernels.use_kernels``: one Triton kernel each way in the plain case, ``fusable``; eager
+    ``rotate``, the same computation as megatron's, for other shapes or dtypes); every other
+    call (CPU, interleaved, MLA, mscale, partial rotary dim) keeps megatron's function. Same
+    math, in float32 with one rounding; megatron's eager version runs about eight elementwise
+    kernels per q/k each way. Idempotent, process-wide (megatron offers no per-model hook for
+    this without TE's fused kernel)."""
     from megatron.core.models.common.embeddings import rope_utils
 
     original = rope_utils._apply_rotary_pos_emb_bshd
