@@ -78,12 +78,14 @@ def timed(fn, device, iters: int, warmup: int = 3) -> float:
 
 def naive_cast(x: torch.Tensor, dtype) -> tuple:
     """amax + scale + clamp + cast as separate PyTorch ops (what the fused kernel replaces)."""
-    from megatron_ualm.model import fp8
-    scale = fp8.scale_from_amax(x.abs().amax().float().reshape(1), fp8.FP8_MAX[dtype])
-    return (x.float() * scale).clamp(-fp8.FP8_MAX[dtype], fp8.FP8_MAX[dtype]).to(dtype), scale.reciprocal()
+    from megatron_ualm.kernels import fp8_cast
+    scale = fp8_cast.scale_from_amax(x.abs().amax().float().reshape(1), fp8_cast.FP8_MAX[dtype])
+    return (x.float() * scale).clamp(-fp8_cast.FP8_MAX[dtype], fp8_cast.FP8_MAX[dtype]).to(dtype), scale.reciprocal()
 
 
 def part_gemm(args, device) -> dict:
+    from megatron_ualm.kernels import fp8_cast
+    from megatron_ualm.kernels.wgrad import wgrad_gemm_accum_fp32
     from megatron_ualm.model import fp8
     from train_throughput import FULL, TINY
     shapes = {"tiny": TINY} if args.tiny else {"1.5b": FULL, "7b": SHAPE_7B_8L}
@@ -102,11 +104,11 @@ def part_gemm(args, device) -> dict:
             w8, w_inv = fp8.cast_scaled(w, state, fp8.WEIGHT, "delayed")
             r = {"tokens": tokens, "in": n_in, "out": n_out}
             r["bf16_fwd_ms"] = timed(lambda: x @ w.t(), device, iters)
-            r["fp8_fwd_gemm_ms"] = timed(lambda: fp8.scaled_mm(x8, w8.t(), x_inv, w_inv, torch.bfloat16, True),
+            r["fp8_fwd_gemm_ms"] = timed(lambda: fp8_cast.scaled_mm(x8, w8.t(), x_inv, w_inv, torch.bfloat16, True),
                                          device, iters)
             r["cast_delayed_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "delayed"), device, iters)
             r["cast_current_ms"] = timed(lambda: fp8.cast_scaled(x, state, fp8.INPUT, "current"), device, iters)
-            r["cast_naive_ms"] = timed(lambda: naive_cast(x, fp8.E4M3), device, iters)
+            r["cast_naive_ms"] = timed(lambda: naive_cast(x, fp8_cast.E4M3), device, iters)
             wcast = fp8.WeightCast()
             r["weight_cast_transpose_ms"] = timed(lambda: wcast.refresh(w, state, "delayed"), device, iters)
             r["bf16_tflops"] = flop / r["bf16_fwd_ms"] / 1e9
@@ -119,7 +121,7 @@ def part_gemm(args, device) -> dict:
             def bf16_layer():  # megatron's math: y = x W^T; dx = dy W; main_grad += dy^T x
                 y = xr.detach() @ wr.detach().t()
                 dx = dy @ wr.detach()
-                fp8._accumulate(xr.detach(), dy, main_grad)
+                wgrad_gemm_accum_fp32(xr.detach(), dy, main_grad)
                 return y, dx
 
             def fp8_layer(recipe, st):

@@ -11,7 +11,7 @@ optimizer, ``train_throughput.build_ualm``) and, for each shape ``SEQxMB:packed|
 shape is then profiled (``torch.profiler``, ``--profile-steps`` steps) and its GPU time is
 broken down:
 
-* by model part: ranges the model opens while a profiler runs (``fusions.scope``:
+* by model part: ranges the model opens while a profiler runs (``kernels.profiling.scope``:
   ualm.embed / attention / norm / swiglu / rope / head) and the step's own (ualm.loss,
   ualm.zero_grad, ualm.finalize_grads, ualm.optimizer); backward kernels are attributed to
   the forward range of the op that made their autograd node (profiler sequence numbers);

@@ -1,4 +1,4 @@
-"""SwiGLU on one GPU: the Triton kernels (``model/swiglu.py``) against the compiled reference.
+"""SwiGLU on one GPU: the Triton kernels (``kernels/swiglu.py``) against the compiled reference.
 
 fc1's output y [--rows, --width] bf16 (default: 8192 tokens of Qwen2.5-1.5B, 2F = 17920) and an
 output gradient; times forward and forward+backward of
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("swiglu_kernel.py needs a CUDA GPU")
         return 0
-    from megatron_ualm.model.swiglu import fused_swiglu, swiglu_backward, swiglu_forward, swiglu_reference
+    from megatron_ualm.kernels.swiglu import fused_swiglu, swiglu_backward, swiglu_forward, swiglu_reference
 
     torch.manual_seed(0)
     y = torch.randn(args.rows, args.width, device="cuda", dtype=torch.bfloat16).requires_grad_()

@@ -156,8 +156,9 @@ def build_ualm(args, shape, device):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
     from megatron_ualm.config import EncoderConfig, ModelConfig
-    from megatron_ualm.model import fp8, fusions
-    from megatron_ualm.model.fusions import scope
+    from megatron_ualm import kernels
+    from megatron_ualm.kernels.profiling import scope
+    from megatron_ualm.model import fp8
     from megatron_ualm.model.loss import ualm_loss
     from megatron_ualm.model.transformer_config import transformer_config_from
     from megatron_ualm.model.ualm_model import UALMModel
@@ -165,7 +166,7 @@ def build_ualm(args, shape, device):
 
     reference = getattr(args, "reference", False)
     if reference or getattr(args, "no_compile", False):
-        fusions.ENABLED = False
+        kernels.ENABLED = False
     precision = "bf16" if args.bf16 else "fp32"
     cfg = ModelConfig(**shape, max_position_embeddings=max(args.seq_length, 32768),
                       attention_backend=args.attention_backend, recompute=args.recompute,
@@ -361,7 +362,10 @@ def main(argv=None) -> int:
                    help="UALM as before the speed-ups: unfused head CE, no compiled fusions, megatron's "
                         "fallback optimizer paths")
     p.add_argument("--no-fused-ce", action="store_true", help="head CE through materialised logits")
-    p.add_argument("--no-compile", action="store_true", help="eager RMSNorm / SwiGLU / RoPE")
+    p.add_argument("--no-compile", action="store_true",
+                   help="the kernels switched off, as UALM_COMPILE=0: every kernel of megatron_ualm.kernels "
+                        "(RMSNorm, SwiGLU, RoPE, head CE passes, FP8 cast, weight-gradient accumulation) "
+                        "takes its PyTorch reference")
     p.add_argument("--no-fast-optimizer", action="store_true", help="megatron's fallback optimizer paths")
     p.add_argument("--no-host-plan", action="store_true",
                    help="the forward derives packing and the head's target rows from the device tensors "

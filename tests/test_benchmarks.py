@@ -16,6 +16,7 @@ SMOKE = {
     "checkpoint_hash": ["--tiny"],
     "fp8_ab": ["--tiny", "--out", "."],  # emulated FP8 on CPU
     "memory_7b": ["--tiny", "--device", "cpu", "--json", "memory_7b.json"],
+    "liger_ab": ["--tiny", "--device", "cpu", "--json", "liger_ab.json"],  # ours vs eager; liger needs CUDA
     "codec_overhead": ["--tiny", "--rounds", "1"],
     "dpo_step": ["--tiny", "--steps", "1"],
     "data_plan": ["--rows", "100000", "--locate", "1000"],

@@ -156,7 +156,7 @@ def test_segmented_pass_gives_the_decoders_gradients_on_cpu():
     backward of the decoder with DDP's hooks: same input gradient, same main_grad for every
     decoder parameter. Runs on CPU (no capture), so CI checks the graphs' gradient plumbing."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron_ualm.model import wgrad_fusion
+    from megatron_ualm.kernels import wgrad as wgrad_fusion
     from megatron_ualm.model.transformer_config import transformer_config_from
     from megatron_ualm.model.ualm_model import UALMModel
     from megatron_ualm.runtime import init_runtime, shutdown_runtime

@@ -1,4 +1,5 @@
-"""``model/fp8.py``: FP8 GEMMs for the decoder's linear layers (``training.fp8``).
+"""FP8 GEMMs for the decoder's linear layers (``training.fp8``): ``model/fp8.py`` (recipes, state,
+the linear layers) and ``kernels/fp8_cast.py`` (the cast kernel, the scaling math, the GEMM call).
 
 CPU: the scaling math (scale from amax, round trip within the format's precision,
 saturation, delayed history), the emulated FP8 linear against float64 with tolerances from
@@ -15,6 +16,7 @@ import types
 import pytest
 import torch
 
+from megatron_ualm.kernels import fp8_cast
 from megatron_ualm.model import fp8
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -23,41 +25,41 @@ FP8_GPU = pytest.mark.skipif(not fp8.supported(), reason="needs a GPU with FP8 t
 
 def half_ulp(dtype) -> float:
     """Largest relative rounding error of a normal value: 2^-(mantissa bits + 1)."""
-    return 2.0 ** -(fp8.MANTISSA_BITS[dtype] + 1)
+    return 2.0 ** -(fp8_cast.MANTISSA_BITS[dtype] + 1)
 
 
 # --- scaling math ------------------------------------------------------------------------------------
 def test_scale_from_amax_maps_amax_to_the_format_maximum():
     amax = torch.tensor([2.0, 0.5, 0.0, float("inf")])
-    scale = fp8.scale_from_amax(amax, fp8.FP8_MAX[fp8.E4M3])
+    scale = fp8_cast.scale_from_amax(amax, fp8_cast.FP8_MAX[fp8_cast.E4M3])
     assert scale.dtype == torch.float32
     assert scale.tolist() == [224.0, 896.0, 1.0, 1.0]  # 448 / amax; nothing to scale from -> 1
-    assert fp8.scale_from_amax(torch.tensor([2.0]), 448.0, margin=2).item() == 56.0
-    assert fp8.FP8_MAX[fp8.E4M3] == 448.0 and fp8.FP8_MAX[fp8.E5M2] == 57344.0
+    assert fp8_cast.scale_from_amax(torch.tensor([2.0]), 448.0, margin=2).item() == 56.0
+    assert fp8_cast.FP8_MAX[fp8_cast.E4M3] == 448.0 and fp8_cast.FP8_MAX[fp8_cast.E5M2] == 57344.0
 
 
-@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("dtype", [fp8_cast.E4M3, fp8_cast.E5M2])
 def test_round_trip_error_is_within_the_format_precision(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(20000, generator=g))
     x = torch.cat([x] + [x[:2000] * f for f in (1e-3, 1e-5, 1e-7)])  # down into the subnormals
-    scale = fp8.scale_from_amax(x.abs().max(), fp8.FP8_MAX[dtype])
-    back = fp8.quantize(x, scale, dtype).double() / scale.double()
-    smallest_normal = 2.0 ** (-6 if dtype == fp8.E4M3 else -14)
+    scale = fp8_cast.scale_from_amax(x.abs().max(), fp8_cast.FP8_MAX[dtype])
+    back = fp8_cast.quantize(x, scale, dtype).double() / scale.double()
+    smallest_normal = 2.0 ** (-6 if dtype == fp8_cast.E4M3 else -14)
     normal = (x * scale).abs() >= smallest_normal
     rel = ((back - x).abs() / x.abs())[normal]
     assert rel.max().item() <= half_ulp(dtype)
     assert rel.max().item() > half_ulp(dtype) / 2  # really rounded to this format, not finer
     # subnormals: absolute error at most half the subnormal step (in scaled units)
-    step = smallest_normal * 2.0 ** -fp8.MANTISSA_BITS[dtype]
+    step = smallest_normal * 2.0 ** -fp8_cast.MANTISSA_BITS[dtype]
     assert (~normal).sum() > 100
     assert ((back - x).abs() * scale.double())[~normal].max().item() <= step / 2
 
 
-@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("dtype", [fp8_cast.E4M3, fp8_cast.E5M2])
 def test_values_beyond_the_range_saturate(dtype):
-    m = fp8.FP8_MAX[dtype]
-    q = fp8.quantize(torch.tensor([3 * m, -10 * m, m, float("inf")]), torch.tensor([1.0]), dtype)
+    m = fp8_cast.FP8_MAX[dtype]
+    q = fp8_cast.quantize(torch.tensor([3 * m, -10 * m, m, float("inf")]), torch.tensor([1.0]), dtype)
     assert q.float().tolist() == [m, -m, m, m]  # no inf, no NaN
 
 
@@ -70,7 +72,7 @@ def test_delayed_history_keeps_the_last_steps_and_forgets_the_oldest():
     assert sorted(state[0, :3].tolist()) == [1.0, 2.0, 3.0]  # 5.0 (4 steps ago) evicted
     past, amax_out = state[0, :3], torch.zeros(1)
     x = torch.tensor([0.5, -6.0])
-    q, inv = fp8.cast_reference(x, past, amax_out, fp8.E4M3)
+    q, inv = fp8_cast.cast_reference(x, past, amax_out, fp8_cast.E4M3)
     assert inv.item() == pytest.approx(3.0 / 448.0)  # scale from the history, not from x
     assert q.float().tolist() == [72.0, -448.0]  # 0.5 * 448/3 = 74.7 rounds to 72 (step 8); -6 saturates
     assert amax_out.item() == 6.0  # this call's amax is collected for the next step
@@ -79,13 +81,13 @@ def test_delayed_history_keeps_the_last_steps_and_forgets_the_oldest():
 def test_first_delayed_call_seeds_from_its_own_amax_then_uses_the_history():
     state = fp8.new_state("cpu")
     x = torch.tensor([[1.0, -2.0]])
-    for row, fmt in ((fp8.INPUT, fp8.E4M3), (fp8.GRAD, fp8.E5M2)):
+    for row, fmt in ((fp8.INPUT, fp8_cast.E4M3), (fp8.GRAD, fp8_cast.E5M2)):
         q, inv = fp8.cast_scaled(x, state, row, "delayed")
-        assert inv.item() == pytest.approx(2.0 / fp8.FP8_MAX[fmt]) and q.dtype == fmt
+        assert inv.item() == pytest.approx(2.0 / fp8_cast.FP8_MAX[fmt]) and q.dtype == fmt
         assert state[row, :-1].tolist() == [2.0] + [0.0] * (fp8.HISTORY - 1)  # seeded in slot 0
         q, inv = fp8.cast_scaled(4 * x, state, row, "delayed")  # scaled from the history now
-        assert inv.item() == pytest.approx(2.0 / fp8.FP8_MAX[fmt]) and state[row, -1].item() == 8.0
-        assert q.float().max().item() == fp8.FP8_MAX[fmt]  # 4 and 8 saturate
+        assert inv.item() == pytest.approx(2.0 / fp8_cast.FP8_MAX[fmt]) and state[row, -1].item() == 8.0
+        assert q.float().max().item() == fp8_cast.FP8_MAX[fmt]  # 4 and 8 saturate
         assert state[row, 0].item() == 2.0  # a second call does not seed again
     q, inv = fp8.cast_scaled(4 * x, state, fp8.WEIGHT, "current")  # current: always its own amax
     assert inv.item() == pytest.approx(8.0 / 448) and state[fp8.WEIGHT, :-1].eq(0).all()
@@ -94,10 +96,10 @@ def test_first_delayed_call_seeds_from_its_own_amax_then_uses_the_history():
 def test_seed_touches_only_an_empty_history():
     x = torch.tensor([3.0, -5.0])
     past = torch.zeros(4)
-    fp8.seed_reference(x, past)
+    fp8_cast.seed_reference(x, past)
     assert past.tolist() == [5.0, 0.0, 0.0, 0.0]
     past = torch.tensor([0.0, 0.5, 0.0, 0.0])
-    fp8.seed_reference(x, past)
+    fp8_cast.seed_reference(x, past)
     assert past.tolist() == [0.0, 0.5, 0.0, 0.0]
 
 
@@ -144,7 +146,7 @@ def test_emulated_fp8_linear_matches_float64_within_fp8_tolerances(recipe):
     X, W, B, DY = (t.double() for t in (x, w, b, dy))
     # each product carries the rounding of both operands, each element's error is bounded by
     # its share of sum |a||b|; plus one bf16 rounding of the result
-    e4, e5, bf = half_ulp(fp8.E4M3), half_ulp(fp8.E5M2), 2.0 ** -8
+    e4, e5, bf = half_ulp(fp8_cast.E4M3), half_ulp(fp8_cast.E5M2), 2.0 ** -8
     fwd_bound = (2 * e4 + e4 * e4) * (X.abs() @ W.abs().t()) + bf * (X @ W.t() + B).abs() + 1e-30
     assert ((y.double() - (X @ W.t() + B)).abs() <= fwd_bound).all()
     bwd_bound = (e4 + e5 + e4 * e5) * (DY.abs() @ W.abs()) + bf * (DY @ W).abs() + 1e-30
@@ -241,8 +243,8 @@ def test_fp8_on_cpu_stops_with_one_line_before_building_the_model():
 # --- GPU --------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @gpu
-@pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.skipif(not fp8_cast.HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [fp8_cast.E4M3, fp8_cast.E5M2])
 @pytest.mark.parametrize("n", [1, 2047, 8192 * 1536 + 5])
 def test_triton_cast_equals_the_reference_bit_for_bit(dtype, n):
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -250,8 +252,8 @@ def test_triton_cast_equals_the_reference_bit_for_bit(dtype, n):
     for past in (torch.tensor([0.0, 2.5, 1.0], device="cuda"),    # in range and saturating values
                  torch.zeros(3, device="cuda")):                  # no history: scale 1
         got_amax, want_amax = torch.full((1,), 0.25, device="cuda"), torch.full((1,), 0.25, device="cuda")
-        q, inv = fp8.cast_kernel(x, past, got_amax, dtype)
-        q_ref, inv_ref = fp8.cast_reference(x, past, want_amax, dtype)
+        q, inv = fp8_cast.cast_kernel(x, past, got_amax, dtype)
+        q_ref, inv_ref = fp8_cast.cast_reference(x, past, want_amax, dtype)
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
         assert torch.equal(got_amax, want_amax)
         torch.testing.assert_close(inv, inv_ref, rtol=2 ** -23, atol=0)
@@ -259,17 +261,17 @@ def test_triton_cast_equals_the_reference_bit_for_bit(dtype, n):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
+@pytest.mark.skipif(not fp8_cast.HAVE_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("shape", [(1, 1), (130, 70), (2048, 1536), (3584 + 16, 18944)])
 def test_triton_cast_transpose_equals_the_reference_bit_for_bit(shape):
     g = torch.Generator(device="cuda").manual_seed(shape[0])
     x = (torch.randn(shape, device="cuda", generator=g) * 3).bfloat16()
     past = torch.tensor([0.0, 2.5, 1.0], device="cuda")
-    got = [torch.empty(shape, dtype=fp8.E4M3, device="cuda"), torch.empty(shape[::-1], dtype=fp8.E4M3, device="cuda"),
+    got = [torch.empty(shape, dtype=fp8_cast.E4M3, device="cuda"), torch.empty(shape[::-1], dtype=fp8_cast.E4M3, device="cuda"),
            torch.empty(1, device="cuda"), torch.full((1,), 0.25, device="cuda")]
-    fp8.cast_transpose_kernel(x, past, got[3], fp8.E4M3, got[0], got[1], got[2])
+    fp8_cast.cast_transpose_kernel(x, past, got[3], fp8_cast.E4M3, got[0], got[1], got[2])
     want_amax = torch.full((1,), 0.25, device="cuda")
-    q, inv = fp8.cast_reference(x, past, want_amax, fp8.E4M3)
+    q, inv = fp8_cast.cast_reference(x, past, want_amax, fp8_cast.E4M3)
     assert torch.equal(got[0].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(got[1].view(torch.uint8), q.view(torch.uint8).t())
     assert torch.equal(got[3], want_amax)
@@ -278,15 +280,15 @@ def test_triton_cast_transpose_equals_the_reference_bit_for_bit(shape):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.skipif(not fp8.HAVE_TRITON, reason="needs Triton")
+@pytest.mark.skipif(not fp8_cast.HAVE_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("n", [1, 2047, 8192 * 1536 + 5])
 def test_triton_seed_equals_the_reference(n):
     g = torch.Generator(device="cuda").manual_seed(n)
     x = (torch.randn(n, device="cuda", generator=g) * 3).bfloat16()
     for past in (torch.zeros(16, device="cuda"), torch.tensor([0.0, 2.5, 0.0], device="cuda")):
         got, want = past.clone(), past.clone()
-        fp8.seed_kernel(x, got)
-        fp8.seed_reference(x, want)
+        fp8_cast.seed_kernel(x, got)
+        fp8_cast.seed_reference(x, want)
         assert torch.equal(got, want)
 
 

@@ -44,15 +44,16 @@ def _use_gpu_kernel_paths(setattr_) -> None:
     forward saves. (On CPU the model otherwise runs the eager functions, which keep float32
     intermediates the GPU never stores.)"""
     from megatron.core.models.common.embeddings import rope_utils
-    from megatron_ualm.model import layer_spec, norm, rope, swiglu
+    from megatron_ualm.kernels import rmsnorm, rope, swiglu
+    from megatron_ualm.model import layer_spec, norm
 
     def rms_forward(x, w, eps):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
         return w * (x32 * rstd[..., None]).to(x.dtype), rstd.reshape(-1)
 
-    setattr_(norm, "rms_norm_forward", rms_forward)
-    setattr_(norm, "fused_rms_norm", lambda x, w, eps: norm._RMSNormFunction.apply(x, w, eps))
+    setattr_(rmsnorm, "rms_norm_forward", rms_forward)
+    setattr_(norm, "fused_rms_norm", lambda x, w, eps: rmsnorm._RMSNormFunction.apply(x, w, eps))
     setattr_(swiglu, "swiglu_forward", swiglu.swiglu_reference)
     setattr_(layer_spec, "fused_swiglu", lambda y: swiglu._SwiGLU.apply(y))
     setattr_(rope, "_launch", lambda t, freqs, backward, num_warps=4, check=True: rope.rotate(t, freqs))

@@ -1,4 +1,4 @@
-"""The fused head cross entropy (``model/fused_ce.py``) against the reference path.
+"""The fused head cross entropy (``kernels/cross_entropy.py``) against the reference path.
 
 CPU: the PyTorch fallback of the two passes against plain float64 log-softmax, the
 autograd function's gradients against autograd through materialised logits, and the whole
@@ -45,7 +45,7 @@ def _problem(dtype=torch.float32, device="cpu", seed=0, H=24, scale=1.0):
 
 
 def test_fallback_passes_match_float64():
-    from megatron_ualm.model.fused_ce import ce_grad_, ce_stats
+    from megatron_ualm.kernels.cross_entropy import ce_grad_, ce_stats
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, 50, generator=g) * 4
     x[3] = float("-inf")  # a row with nothing valid (another rank's block)
@@ -70,7 +70,7 @@ def test_fallback_passes_match_float64():
 
 
 def test_head_cross_entropy_matches_materialised_logits():
-    from megatron_ualm.model.fused_ce import head_cross_entropy
+    from megatron_ualm.kernels.cross_entropy import head_cross_entropy
     rows, weight, segments, targets = _problem()
     ce, ok = head_cross_entropy(rows, weight, segments, targets)
     ref_ce, ref_ok = _reference_ce(rows.detach(), weight.detach(), segments, targets)
@@ -135,7 +135,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @gpu
 def test_triton_passes_match_fallback():
-    from megatron_ualm.model import fused_ce
+    from megatron_ualm.kernels import cross_entropy as fused_ce
     if not fused_ce.HAVE_TRITON:
         pytest.skip("no triton")
     g = torch.Generator().manual_seed(3)
@@ -159,7 +159,7 @@ def test_triton_passes_match_fallback():
 @pytest.mark.gpu
 @gpu
 def test_bf16_head_cross_entropy_on_gpu():
-    from megatron_ualm.model.fused_ce import head_cross_entropy
+    from megatron_ualm.kernels.cross_entropy import head_cross_entropy
     rows, weight, segments, targets = _problem(torch.bfloat16, "cuda", seed=4, H=128, scale=0.3)
     ce, ok = head_cross_entropy(rows, weight, segments, targets)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Compiled elementwise paths (``model/fusions.py``) against their eager functions.
+"""Compiled elementwise paths (``kernels/compile.py``) against their eager functions.
 
 The inference graph runs RMSNorm, SwiGLU and RoPE through ``torch.compile`` on CUDA (training
 uses Triton kernels: test_model_norm_kernel, test_model_rope_kernel, test_model_swiglu). On
@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ualm.model.norm import rms_norm
-from megatron_ualm.model.rope import rotate
-from megatron_ualm.model.swiglu import swiglu_reference
+from megatron_ualm.kernels.rmsnorm import rms_norm
+from megatron_ualm.kernels.rope import rotate
+from megatron_ualm.kernels.swiglu import swiglu_reference
 
 
 def _cases(device, dtype):

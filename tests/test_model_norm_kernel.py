@@ -1,4 +1,4 @@
-"""RMSNorm kernels (``model/norm.py``): the Triton forward/backward against float64 autograd of
+"""RMSNorm kernels (``kernels/rmsnorm.py``): the Triton forward/backward against float64 autograd of
 the eager ``rms_norm``.
 
 CPU: ``fused_rms_norm`` is the eager function there; a PyTorch transcription of the kernels'
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernel_utils import run_under_triton_interpreter
-from megatron_ualm.model import norm
+from megatron_ualm.kernels import rmsnorm
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 EPS = 1e-6
@@ -30,7 +30,7 @@ def _inputs(rows, hidden, dtype, wdtype=None, device="cpu", seed=0):
 def _float64_reference(x, w, dy):
     x64 = x.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
-    y = norm.rms_norm(x64, w64, EPS)
+    y = rmsnorm.rms_norm(x64, w64, EPS)
     y.backward(dy.double())
     return y.detach(), x64.grad, w64.grad
 
@@ -50,7 +50,7 @@ def _kernel_math(x, w, dy):
 def test_fused_rms_norm_is_the_eager_function_on_cpu():
     x, w, dy = _inputs(5, 48, torch.float32)
     outs = []
-    for f in (norm.fused_rms_norm, norm.rms_norm):
+    for f in (rmsnorm.fused_rms_norm, rmsnorm.rms_norm):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = f(xl, wl, EPS)
         y.backward(dy)
@@ -70,16 +70,16 @@ def test_kernel_math_matches_autograd():
 
 _INTERPRETED = """
 import torch
-from megatron_ualm.model import norm
+from megatron_ualm.kernels import rmsnorm
 g = torch.Generator().manual_seed(0)
 for rows, hidden in [(5, 48), (9, 100), (1, 7)]:
     x = torch.randn(rows, hidden, generator=g) * 3
     w = 1 + 0.5 * torch.randn(hidden, generator=g)
     dy = torch.randn(rows, hidden, generator=g)
-    y, rstd = norm.rms_norm_forward(x, w, 1e-6)
-    dx, dw = norm.rms_norm_backward(x, w, rstd, dy)
+    y, rstd = rmsnorm.rms_norm_forward(x, w, 1e-6)
+    dx, dw = rmsnorm.rms_norm_backward(x, w, rstd, dy)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    want = norm.rms_norm(x64, w64, 1e-6)
+    want = rmsnorm.rms_norm(x64, w64, 1e-6)
     want.backward(dy.double())
     torch.testing.assert_close(y.double(), want.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx.double(), x64.grad, atol=1e-4, rtol=1e-5)
@@ -99,11 +99,11 @@ def test_kernels_under_triton_interpreter():
                                               (torch.bfloat16, torch.float32, 2e-2)])
 @pytest.mark.parametrize("rows,hidden", [(8192, 1536), (37, 100)])
 def test_triton_kernels_match_float64(dtype, wdtype, tol, rows, hidden):
-    if not norm.HAVE_TRITON:
+    if not rmsnorm.HAVE_TRITON:
         pytest.skip("no triton")
     x, w, dy = _inputs(rows, hidden, dtype, wdtype, device="cuda")
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = norm.fused_rms_norm(xl, wl, EPS)
+    y = rmsnorm.fused_rms_norm(xl, wl, EPS)
     y.backward(dy)
     assert y.dtype == torch.promote_types(dtype, wdtype) and xl.grad.dtype == dtype and wl.grad.dtype == wdtype
     want_y, want_dx, want_dw = _float64_reference(x, w, dy)
@@ -117,17 +117,18 @@ def test_triton_kernels_match_float64(dtype, wdtype, tol, rows, hidden):
 @pytest.mark.gpu
 @gpu
 def test_triton_kernels_take_strided_input_and_match_the_module_off():
-    from megatron_ualm.model import fusions
-    if not norm.HAVE_TRITON:
+    from megatron_ualm import kernels
+    from megatron_ualm.model.norm import RMSNorm
+    if not rmsnorm.HAVE_TRITON:
         pytest.skip("no triton")
     x, w, dy = _inputs(6 * 4, 64, torch.float32, device="cuda")
     strided = x.view(6, 4, 64).transpose(0, 1).requires_grad_()  # [4, 6, 64], not contiguous
-    module = norm.RMSNorm(hidden_size=64, eps=EPS).cuda()
+    module = RMSNorm(hidden_size=64, eps=EPS).cuda()
     with torch.no_grad():
         module.weight.copy_(w)
     results = []
     for enabled in (True, False):
-        fusions_enabled, fusions.ENABLED = fusions.ENABLED, enabled
+        switch, kernels.ENABLED = kernels.ENABLED, enabled
         try:
             leaf = strided.detach().clone().requires_grad_()
             module.weight.grad = None
@@ -135,6 +136,6 @@ def test_triton_kernels_take_strided_input_and_match_the_module_off():
             y.backward(dy.view(4, 6, 64))
             results.append((y.detach(), leaf.grad, module.weight.grad.clone()))
         finally:
-            fusions.ENABLED = fusions_enabled
+            kernels.ENABLED = switch
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

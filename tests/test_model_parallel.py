@@ -94,7 +94,7 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
                                 num_microbatches=1, seq_length=48, micro_batch_size=2, forward_only=False)
     finalize_model_grads([ddp])
     grads = {}
-    # weights whose gradient the linear layer accumulated into main_grad itself (wgrad_fusion.py)
+    # weights whose gradient the linear layer accumulated into main_grad itself (kernels/wgrad.py)
     fused = sorted(n for n, p in model.named_parameters() if getattr(p, "grad_added_to_main_grad", False))
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -158,7 +158,7 @@ def baseline_all_audio():
 
 
 def test_weight_gradients_accumulated_in_the_gemm_match(baseline):
-    """gradient_accumulation_fusion (wgrad_fusion.py) at TP=1 and TP=2 + SP gives the plain
+    """gradient_accumulation_fusion (kernels/wgrad.py) at TP=1 and TP=2 + SP gives the plain
     bf16-free gradients, and every decoder linear weight went through the fused path."""
     assert not baseline[0]["fused"]
     for results in (run_distributed(_run, 1, 1, 1, False, "none", "codebook", True),
@@ -195,10 +195,10 @@ def test_fp8_tensor_and_sequence_parallel_match_single_process_within_fp8_roundi
     communication (sequence all-gather, input-gradient all-reduce / reduce-scatter). Each rank
     scales its own weight shard and input, so the results are the TP=1 FP8 results up to FP8
     rounding (a missing reduction would be off by the other rank's whole share)."""
-    from megatron_ualm.model import fp8
+    from megatron_ualm.kernels import fp8_cast
     base = run_distributed(_run, 1, 1, 1, False, "none", "codebook", True, "delayed")
     want = _assemble(base)
-    e4 = 2.0 ** -(fp8.MANTISSA_BITS[fp8.E4M3] + 1)
+    e4 = 2.0 ** -(fp8_cast.MANTISSA_BITS[fp8_cast.E4M3] + 1)
     for sp in (False, True):
         results = run_distributed(_run, 2, 2, 1, sp, "none", "codebook", True, "delayed")
         got = _assemble(results)

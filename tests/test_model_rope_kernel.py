@@ -1,4 +1,4 @@
-"""RoPE application (``model/rope.py``): the Triton kernels behind ``fused_rotate``.
+"""RoPE application (``kernels/rope.py``): the Triton kernels behind ``fused_rotate``.
 
 CPU: ``fused_rotate`` is ``rotate`` there; a PyTorch transcription of the kernels' float32 math
 (forward and backward) against autograd of ``rotate`` in float64, with Qwen2's base and
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kernel_utils import run_under_triton_interpreter
-from megatron_ualm.model import rope as rp
+from megatron_ualm.kernels import rope as rp
+from megatron_ualm.model.rope import RotaryAngles, install_fused_rope
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BASE = 1e6  # Qwen2's RoPE base
@@ -27,7 +28,7 @@ def _angles(s, freq_batch, d, seed=0, max_pos=32768, distinct_halves=False):
     distinct_halves the second half gets other angles than the first."""
     g = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, max_pos, (freq_batch, s), generator=g)
-    freqs = rp.RotaryAngles(d, BASE)(positions)
+    freqs = RotaryAngles(d, BASE)(positions)
     if distinct_halves:
         freqs[..., d // 2:] += torch.rand(s, freq_batch, 1, d // 2, generator=g) * 3
     return freqs
@@ -113,7 +114,8 @@ def test_which_inputs_the_kernels_take():
 
 _INTERPRETED = """
 import torch
-from megatron_ualm.model import rope as rp
+from megatron_ualm.kernels import rope as rp
+from megatron_ualm.model.rope import RotaryAngles, install_fused_rope
 
 def reference(t, freqs, grad):
     t64 = t.detach().double().requires_grad_()
@@ -122,7 +124,7 @@ def reference(t, freqs, grad):
     return out.detach(), t64.grad
 
 def angles(s, fb, d, distinct):
-    freqs = rp.RotaryAngles(d, 1e6)(torch.randint(0, 32768, (fb, s)))
+    freqs = RotaryAngles(d, 1e6)(torch.randint(0, 32768, (fb, s)))
     if distinct:
         freqs[..., d // 2:] += torch.rand(s, fb, 1, d // 2) * 3
     return freqs
@@ -224,12 +226,12 @@ def test_megatron_rope_after_install_is_the_kernel():
     """After ``install_fused_rope`` megatron's unfused RoPE on CUDA is ``fused_rotate``: equal to
     ``rotate`` in float32; in bf16, where megatron's eager version rounds cos, sin and both products
     to bf16 before adding (off by a few bf16 ulps where the two terms cancel), no farther from the
-    float64 result than it. With ``fusions.ENABLED`` off it is megatron's own function."""
+    float64 result than it. With ``kernels.ENABLED`` off it is megatron's own function."""
     if not rp.HAVE_TRITON:
         pytest.skip("no triton")
     from megatron.core.models.common.embeddings import rope_utils
-    from megatron_ualm.model import fusions
-    rp.install_fused_rope()
+    from megatron_ualm import kernels
+    install_fused_rope()
     patched = rope_utils._apply_rotary_pos_emb_bshd
     original = patched.original
     s, b, heads, d = 512, 2, 12, 128
@@ -247,9 +249,9 @@ def test_megatron_rope_after_install_is_the_kernel():
             want = rp.rotate(t.double(), freqs.double())
             assert (out.double() - want).abs().max() <= (eager.double() - want).abs().max()
             torch.testing.assert_close(out, eager, atol=6e-2, rtol=2e-2)
-        enabled = fusions.ENABLED
+        enabled = kernels.ENABLED
         try:
-            fusions.ENABLED = False
+            kernels.ENABLED = False
             assert torch.equal(patched(t, freqs), original(t, freqs))
         finally:
-            fusions.ENABLED = enabled
+            kernels.ENABLED = enabled

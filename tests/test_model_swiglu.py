@@ -1,4 +1,4 @@
-"""SwiGLU (``model/swiglu.py``): the Triton kernels and the MLP that uses them.
+"""SwiGLU (``kernels/swiglu.py``): the Triton kernels and the MLP that uses them.
 
 CPU: ``fused_swiglu`` is the reference there; a PyTorch transcription of the kernels' float32
 math against autograd of the reference in float64; ``SwiGLUMLP`` against megatron's own MLP
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernel_utils import run_under_triton_interpreter
-from megatron_ualm.model import swiglu as sw
+from megatron_ualm.kernels import swiglu as sw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -78,14 +78,14 @@ def _mlp_against_megatron(enabled: bool) -> list:
     megatron's own MLP forward, outputs and gradients."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron_ualm.model import fusions
+    from megatron_ualm import kernels
     from megatron_ualm.model.layer_spec import SwiGLUMLP
     from megatron_ualm.model.transformer_config import transformer_config_from
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
     from model_batches import tiny_model_cfg
 
     init_runtime(device="cpu", seed=11)
-    fusions.ENABLED = enabled
+    kernels.ENABLED = enabled
     cfg = tiny_model_cfg()
     torch.manual_seed(0)
     mlp = SwiGLUMLP(transformer_config_from(cfg, None, "fp32"),
@@ -115,7 +115,7 @@ def test_swiglu_mlp_matches_megatrons_mlp(enabled):
 
 _INTERPRETED = """
 import torch
-from megatron_ualm.model import swiglu as sw
+from megatron_ualm.kernels import swiglu as sw
 torch.manual_seed(0)
 for shape, block in [((3, 5, 74), 1024), ((4, 600), 128), ((2, 3, 2 * 256), 64)]:
     y = torch.randn(shape) * 2

@@ -1,4 +1,4 @@
-"""``model/wgrad_fusion.py``: weight gradients accumulated into fp32 ``main_grad`` in the GEMM.
+"""``kernels/wgrad.py``: weight gradients accumulated into fp32 ``main_grad`` in the GEMM.
 
 The whole path through megatron's linear layers and DDP (TP=1 and TP=2 + SP against the
 unfused gradients) is ``test_model_parallel.test_weight_gradients_accumulated_in_the_gemm_match``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ualm.model import wgrad_fusion
+from megatron_ualm.kernels import wgrad as wgrad_fusion
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

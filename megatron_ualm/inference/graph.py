@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_ualm.model import fusions
+from megatron_ualm.kernels.compile import maybe_compiled
+from megatron_ualm.kernels.rope import rotate
+from megatron_ualm.kernels.swiglu import swiglu_reference
 from megatron_ualm.model.attention import document_causal_mask
-from megatron_ualm.model.rope import rotate
-from megatron_ualm.model.swiglu import swiglu_reference
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class GraphForward:
         True = may attend, or additive; None: causal). Returns the final-normed hidden [R, S, H]."""
         R, S, _ = hidden.shape
         ng, rep, hn = self.groups, self.per_group, self.head_dim
-        rope = fusions.maybe_compiled(rotate, hidden)
+        rope = maybe_compiled(rotate, hidden)
         for layer, (k_cache, v_cache) in zip(self.model.decoder.layers, self.static.cache):
             attn = layer.self_attention
             qkv = _linear(layer.input_layernorm(hidden), attn.linear_qkv).view(R, S, ng, (rep + 2) * hn)
@@ -215,7 +215,7 @@ class GraphForward:
                                                      scale=self.scale, enable_gqa=True).transpose(1, 2)
             hidden = hidden + _linear(out.reshape(R, S, ng * rep * hn), attn.linear_proj)
             up = _linear(layer.pre_mlp_layernorm(hidden), layer.mlp.linear_fc1)
-            hidden = hidden + _linear(fusions.maybe_compiled(swiglu_reference, up)(up), layer.mlp.linear_fc2)
+            hidden = hidden + _linear(maybe_compiled(swiglu_reference, up)(up), layer.mlp.linear_fc2)
         return self.model.decoder.final_layernorm(hidden)
 
     def _capture(self):

@@ -42,7 +42,7 @@ from torch import Tensor
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ualm.model import fusions
+from megatron_ualm.kernels.profiling import scope
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class UALMCoreAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        with fusions.scope("ualm.attention"):
+        with scope("ualm.attention"):
             return self._forward(query, key, value, attention_mask, attention_bias, packed_seq_params)
 
     def _forward(self, query, key, value, attention_mask, attention_bias, packed_seq_params) -> Tensor:

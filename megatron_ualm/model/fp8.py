@@ -43,14 +43,14 @@ the communication megatron's GEMM function does (all-gather of the sequence befo
 all-reduce or reduce-scatter of the input gradient after it); each rank scales its own
 weight shard and input, so TP results equal TP=1 up to FP8 rounding.
 
-On CPU (tests) the cast is the same math in plain PyTorch (``cast_reference``) and
-``scaled_mm`` emulates ``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses
-``training.fp8`` without an FP8-capable GPU, the emulation is for checking the math.
+The cast kernels, the scaling math and the GEMM call are in ``kernels/fp8_cast.py``; on CPU
+(tests) the casts are the same math in plain PyTorch and ``scaled_mm`` emulates
+``torch._scaled_mm`` (de-scaled fp32 matmul): the trainer refuses ``training.fp8`` without an
+FP8-capable GPU, the emulation is for checking the math.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -58,40 +58,13 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_ualm.model import fusions
-from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # None without Triton
-from megatron_ualm.model.wgrad_fusion import _accumulate
+from megatron_ualm.kernels.fp8_cast import E4M3, E5M2, amax_of, cast, cast_transpose, scaled_mm, seed
+from megatron_ualm.kernels.wgrad import wgrad_gemm_accum_fp32
 
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
-FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}  # 448, 57344
-MANTISSA_BITS = {E4M3: 3, E5M2: 2}
 HISTORY = 16          # optimizer steps of amax kept for delayed scaling
-MARGIN = 0            # scale = fp8_max / amax / 2**MARGIN
 RECIPES = ("delayed", "current")
 INPUT, WEIGHT, GRAD = 0, 1, 2  # rows of a layer's amax state
 FORMATS = (E4M3, E4M3, E5M2)   # per row: the FP8 format of that tensor
-
-
-# --- scaling math (pure functions) -----------------------------------------------------------
-def scale_from_amax(amax: Tensor, fp8_max: float, margin: int = MARGIN) -> Tensor:
-    """float32 scale ``fp8_max / amax / 2**margin`` (``q = x * scale`` fits the FP8 range);
-    1 where amax is 0 or not finite (nothing to scale from)."""
-    amax = amax.float()
-    scale = torch.full_like(amax, fp8_max) / amax * (2.0 ** -margin)
-    return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
-
-
-def quantize(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``saturate(x * scale)`` in FP8: float32 product, clamped to +-fp8_max (no inf), rounded
-    to nearest even by the cast."""
-    m = FP8_MAX[dtype]
-    return (x.float() * scale).clamp(-m, m).to(dtype)
-
-
-def amax_of(x: Tensor) -> Tensor:
-    """max |x| as a float32 scalar tensor (one read of x)."""
-    return torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32) if x.numel() else x.new_zeros((), dtype=torch.float32)
 
 
 def new_state(device, history: int = HISTORY) -> Tensor:
@@ -107,160 +80,6 @@ def roll_history(state: Tensor, step: int) -> None:
     history = state.shape[-1] - 1
     state[:, step % history].copy_(state[:, history])
     state[:, history].zero_()
-
-
-# --- the fused cast ----------------------------------------------------------------------------
-if HAVE_TRITON:
-    @triton.jit
-    def _cast_kernel(x_ptr, out_ptr, past_ptr, amax_ptr, inv_ptr, n, fp8_max, margin_mult,
-                     H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
-        # scale from the past amax values (every program computes the same one)
-        hs = tl.arange(0, HP)
-        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
-        ok = (past > 0.0) & (past < float("inf"))
-        scale = tl.where(ok, tl.math.div_rn(fp8_max, tl.where(ok, past, 1.0)) * margin_mult, 1.0)
-        pid = tl.program_id(0)
-        if pid == 0:
-            tl.store(inv_ptr, tl.math.div_rn(1.0, scale))
-        # grid-stride loop: few programs, so few atomics on the one amax address
-        local = tl.zeros([BLOCK], dtype=tl.float32)
-        for blk in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
-            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            inside = offs < n
-            x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max)
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
-            local = tl.maximum(local, tl.abs(x))
-        tl.atomic_max(amax_ptr, tl.max(local, axis=0))
-
-    @triton.jit
-    def _seed_kernel(x_ptr, past_ptr, n, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
-        # history empty (all zero): fold max|x| into its slot 0; else nothing (no pass over x)
-        hs = tl.arange(0, HP)
-        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
-        todo = tl.where(past > 0.0, 0, n)
-        pid = tl.program_id(0)
-        local = tl.zeros([BLOCK], dtype=tl.float32)
-        for blk in range(pid, tl.cdiv(todo, BLOCK), tl.num_programs(0)):
-            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < todo, other=0.0).to(tl.float32)
-            local = tl.maximum(local, tl.abs(x))
-        tl.atomic_max(past_ptr, tl.max(local, axis=0))
-
-
-    @triton.jit
-    def _cast_transpose_kernel(x_ptr, out_ptr, out_t_ptr, past_ptr, amax_ptr, inv_ptr, M, N, fp8_max, margin_mult,
-                               H: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        # the cast of a [M, N] tile grid, written as [M, N] and transposed as [N, M]
-        hs = tl.arange(0, HP)
-        past = tl.max(tl.load(past_ptr + hs, mask=hs < H, other=0.0), axis=0)
-        ok = (past > 0.0) & (past < float("inf"))
-        scale = tl.where(ok, tl.math.div_rn(fp8_max, tl.where(ok, past, 1.0)) * margin_mult, 1.0)
-        pm, pn = tl.program_id(0), tl.program_id(1)
-        if (pm == 0) & (pn == 0):
-            tl.store(inv_ptr, tl.math.div_rn(1.0, scale))
-        rows = tl.cast(pm, tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.cast(pn, tl.int64) * BN + tl.arange(0, BN)
-        inside = (rows[:, None] < M) & (cols[None, :] < N)
-        x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], y, mask=inside)
-        tl.store(out_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(y), mask=tl.trans(inside))
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-
-
-BLOCK, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
-TILE = 128  # cast-transpose tile (rows and columns)
-
-
-def _programs(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
-
-
-def cast_reference(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                   margin: int = MARGIN, out: Optional[Tensor] = None,
-                   inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """What the kernel does, in PyTorch: (FP8 tensor, float32 [1] de-scale ``1 / scale``)
-    with scale from ``max(past)``; ``amax_out`` (float32 [1]) becomes max(amax_out, max|x|).
-    ``out`` / ``inv``: tensors to write the two results into (else new ones)."""
-    scale = scale_from_amax(past.max().reshape(1), FP8_MAX[dtype], margin)
-    q = quantize(x, scale, dtype)
-    amax_out.copy_(torch.maximum(amax_out, amax_of(x).reshape(1)))
-    if out is not None:
-        q = out.copy_(q)
-    return q, (torch.reciprocal(scale) if inv is None else torch.reciprocal(scale, out=inv))
-
-
-def cast_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype,
-                margin: int = MARGIN, out: Optional[Tensor] = None,
-                inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The Triton kernel (CUDA): same contract as ``cast_reference``."""
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
-    inv = torch.empty(1, dtype=torch.float32, device=x.device) if inv is None else inv
-    n = x.numel()
-    h = past.numel()
-    grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
-    _cast_kernel[grid](x, out, past, amax_out, inv, n, FP8_MAX[dtype], 2.0 ** -margin,
-                       H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out, inv
-
-
-def _use_kernel(x: Tensor) -> bool:
-    return x.is_cuda and HAVE_TRITON and fusions.ENABLED
-
-
-def cast(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None,
-         inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The Triton kernel for CUDA tensors (fusions enabled), ``cast_reference`` elsewhere."""
-    if _use_kernel(x):
-        return cast_kernel(x, past, amax_out, dtype, out=out, inv=inv)
-    return cast_reference(x, past, amax_out, dtype, out=out, inv=inv)
-
-
-def cast_transpose_kernel(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Tensor,
-                          out_t: Tensor, inv: Tensor, margin: int = MARGIN) -> None:
-    """The Triton cast of a 2-D x into ``out`` [M, N] and ``out_t`` [N, M] (its transpose),
-    in one pass; otherwise the contract of ``cast_kernel``."""
-    x = x.contiguous()
-    m, n = x.shape
-    h = past.numel()
-    grid = (triton.cdiv(m, TILE), triton.cdiv(n, TILE))
-    _cast_transpose_kernel[grid](x, out, out_t, past, amax_out, inv, m, n, FP8_MAX[dtype], 2.0 ** -margin,
-                                 H=h, HP=max(16, triton.next_power_of_2(h)), BM=TILE, BN=TILE, num_warps=8)
-
-
-def cast_transpose(x: Tensor, past: Tensor, amax_out: Tensor, dtype: torch.dtype, out: Tensor, out_t: Tensor,
-                   inv: Tensor) -> None:
-    """``cast`` of a 2-D x into ``out`` and its transpose into ``out_t``: one Triton kernel for
-    CUDA tensors (fusions enabled), ``cast_reference`` and a byte copy elsewhere."""
-    if _use_kernel(x):
-        cast_transpose_kernel(x, past, amax_out, dtype, out, out_t, inv)
-    else:
-        cast_reference(x, past, amax_out, dtype, out=out, inv=inv)
-        out_t.view(torch.uint8).copy_(out.view(torch.uint8).t())
-
-
-def seed_reference(x: Tensor, past: Tensor) -> None:
-    """What the seed kernel does, in PyTorch: a history ``past`` that is all zero gets max|x| in
-    its slot 0; any other history is left as it is. No host synchronisation."""
-    past[:1].copy_(torch.where(past.max() > 0, past[:1], amax_of(x).reshape(1)))
-
-
-def seed_kernel(x: Tensor, past: Tensor) -> None:
-    """The Triton seed kernel (CUDA): same contract as ``seed_reference``; ``past`` contiguous."""
-    x = x.contiguous()
-    n, h = x.numel(), past.numel()
-    grid = (max(1, min(triton.cdiv(n, BLOCK), _programs(x.device))),)
-    _seed_kernel[grid](x, past, n, H=h, HP=max(16, triton.next_power_of_2(h)), BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def seed(x: Tensor, past: Tensor) -> None:
-    """``seed_kernel`` for CUDA tensors (fusions enabled), ``seed_reference`` elsewhere."""
-    if _use_kernel(x):
-        seed_kernel(x, past)
-    else:
-        seed_reference(x, past)
 
 
 def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, out: Optional[Tensor] = None,
@@ -305,16 +124,6 @@ class WeightCast:
         if self.stale:
             self.refresh(weight, state, recipe)
         return self.w8, self.w8t, self.inv
-
-
-# --- the FP8 GEMM --------------------------------------------------------------------------------
-def scaled_mm(a: Tensor, b: Tensor, a_inv: Tensor, b_inv: Tensor, out_dtype: torch.dtype,
-              fast_accum: bool = False) -> Tensor:
-    """``(a * a_inv) @ (b * b_inv)`` for FP8 a [M, K] (row-major) and b [K, N] (column-major):
-    ``torch._scaled_mm`` on CUDA, a float32 emulation elsewhere."""
-    if a.is_cuda:
-        return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    return ((a.float() * a_inv) @ (b.float() * b_inv)).to(out_dtype)
 
 
 def _gather_sequence(x: Tensor, group) -> Tensor:
@@ -377,7 +186,7 @@ class FP8Linear(torch.autograd.Function):
             grad_weight = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
         else:  # megatron's gradient_accumulation_fusion contract
             weight.main_grad = main_grad
-            _accumulate(x2, dy2, main_grad)
+            wgrad_gemm_accum_fp32(x2, dy2, main_grad)
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):
                 make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty

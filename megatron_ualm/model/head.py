@@ -39,7 +39,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ualm.formats.vocab import UnifiedVocab
 from megatron_ualm.model.batch import target_rows
-from megatron_ualm.model.fused_ce import head_cross_entropy
+from megatron_ualm.kernels.cross_entropy import head_cross_entropy
 from megatron_ualm.model.weights import weight_of
 
 NEG_INF = float("-inf")
@@ -93,7 +93,7 @@ class MultiStreamHead(MegatronModule):
     rows are split over TP); audio_head: "codebook" | "all_audio".
     """
 
-    #: training CE through ``fused_ce`` (False: logits materialised + megatron's CE, the reference)
+    #: training CE through ``kernels.cross_entropy`` (False: logits materialised + megatron's CE, the reference)
     fused_ce: bool = True
 
     def __init__(self, config, vocab: UnifiedVocab, audio_head: str = "codebook", tp_group=None):
@@ -176,7 +176,7 @@ class MultiStreamHead(MegatronModule):
         return ce, correct
 
     def _fused_cross_entropy(self, rows: Tensor, flat_labels: Tensor, index: list, sizes: list):
-        """CE and correctness of the selected rows (stream-major) through ``fused_ce``: one
+        """CE and correctness of the selected rows (stream-major) through ``kernels.cross_entropy``: one
         segment per stream, stream 0 over this rank's whole shard (padding rows masked),
         stream k over this rank's slice of its block."""
         shard = self.sharding

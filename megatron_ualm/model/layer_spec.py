@@ -29,11 +29,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 import torch.nn.functional as F
 
 from megatron_ualm.mcore_compat import mlp_submodule
-from megatron_ualm.model import fusions
+from megatron_ualm.kernels.profiling import scope
+from megatron_ualm.kernels.swiglu import fused_swiglu
 from megatron_ualm.model.attention import MaskCache, UALMCoreAttention
 from megatron_ualm.model.fp8 import linear_classes
 from megatron_ualm.model.norm import RMSNorm
-from megatron_ualm.model.swiglu import fused_swiglu, swiglu_reference
 
 
 class _QuietUnknownMLP(logging.Filter):
@@ -49,10 +49,11 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Quie
 
 
 class SwiGLUMLP(MLP):
-    """megatron's MLP with the gated SiLU fused on CUDA (``swiglu.fused_swiglu``, Triton): one
-    kernel each way, and backward keeps fc1's output only (eager keeps SiLU(gate) as well);
-    eager on CPU or with ``fusions.ENABLED`` off. Anything beyond the plain Qwen2 case (bias,
-    per-token scales, TE activations, clamping) goes to megatron's own forward."""
+    """megatron's MLP with the gated SiLU fused on CUDA (``kernels.swiglu.fused_swiglu``, Triton):
+    one kernel each way, and backward keeps fc1's output only (eager keeps SiLU(gate) as well);
+    eager on CPU or with the kernels switched off (``kernels.ENABLED``). Anything beyond the
+    plain Qwen2 case (bias, per-token scales, TE activations, clamping) goes to megatron's own
+    forward."""
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         cfg = self.config
@@ -63,8 +64,8 @@ class SwiGLUMLP(MLP):
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             intermediate = intermediate + bias
-        with fusions.scope("ualm.swiglu"):
-            intermediate = fused_swiglu(intermediate) if fusions.ENABLED else swiglu_reference(intermediate)
+        with scope("ualm.swiglu"):
+            intermediate = fused_swiglu(intermediate)
         return self.linear_fc2(intermediate)
 
 

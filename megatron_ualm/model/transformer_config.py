@@ -35,7 +35,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         bf16/fp16 flags megatron's ``Float16Module`` and optimizer read.
     use_cpu_initialization: create and initialise weights on CPU; default: when CUDA is absent.
     wgrad_fusion: linear layers accumulate weight gradients straight into the fp32
-        ``main_grad`` buffers (``wgrad_fusion.py``); only for models wrapped in megatron's DDP,
+        ``main_grad`` buffers (``kernels/wgrad.py``); only for models wrapped in megatron's DDP,
         whose trainable weights all have ``main_grad``.
     fp8: None, or the FP8 scaling recipe ("delayed" | "current") of the decoder's linear
         layers (``fp8.py``); kept as ``config.ualm_fp8`` for the layer spec (megatron's own
@@ -54,7 +54,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     if wgrad_fusion:
-        from megatron_ualm.model import wgrad_fusion as _wgrad
+        from megatron_ualm.kernels import wgrad as _wgrad
         _wgrad.install()
 
     kv_channels = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads

@@ -39,7 +39,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ualm.formats.vocab import UnifiedVocab
-from megatron_ualm.model import fusions
+from megatron_ualm.kernels.profiling import scope
 from megatron_ualm.model.attention import MaskCache
 from megatron_ualm.model.batch import HostPlan, is_packed
 from megatron_ualm.model.embedding import MultiStreamEmbedding
@@ -175,7 +175,7 @@ class UALMModel(MegatronModule):
         the forward makes no host sync; None: derived from the device tensors.
         """
         if self.pre_process:
-            with fusions.scope("ualm.embed"):
+            with scope("ualm.embed"):
                 hidden = self.embed(tokens, audio_waveforms, audio_num_samples, audio_rows, plan)
             if self.config.sequence_parallel:
                 hidden = scatter_to_sequence_parallel_region(hidden)
@@ -200,7 +200,7 @@ class UALMModel(MegatronModule):
             return hidden
         if loss_weights is None:
             raise ValueError("labels given without loss_weights")
-        with fusions.scope("ualm.head"):
+        with scope("ualm.head"):
             targets = (plan.head_rows, plan.head_sizes) if plan is not None else None
             return self.head(hidden, labels, loss_weights, targets)
 

@@ -10,7 +10,9 @@ is installable here, so this module provides the same two functions on top of Py
 * CUDA, bf16/fp16 inputs, fp32 ``main_grad``: one cuBLAS GEMM with a float32 output that
   accumulates into ``main_grad`` in place (``torch.addmm(..., out_dtype=torch.float32,
   out=main_grad)``), so the bf16 weight gradient never exists;
-* anywhere else (CPU, fp32 training): ``main_grad.addmm_`` in ``main_grad``'s dtype.
+* anywhere else (CPU, fp32 training, or the kernels switched off: ``kernels.use_kernels``,
+  which for this cuBLAS path does not ask for Triton): ``main_grad.addmm_`` in ``main_grad``'s
+  dtype, the reference.
 
 ``install()`` registers them where megatron's linear layers look for the apex module; it
 must run before the layers are built (they check at construction). The trainer and the step
@@ -24,16 +26,24 @@ import types
 
 import torch
 
+from megatron_ualm import kernels
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def _accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
     """main_grad += grad_output^T @ total_input (both 2-D: [tokens, out] and [tokens, in])."""
     a, b = grad_output.t(), total_input
-    if main_grad.is_cuda and main_grad.dtype == torch.float32 and a.dtype in _HALF and b.dtype == a.dtype:
-        torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)
+    if (kernels.use_kernels(main_grad, needs_triton=False) and main_grad.dtype == torch.float32
+            and a.dtype in _HALF and b.dtype == a.dtype):
+        _accumulate_in_gemm(a, b, main_grad)
     else:
         main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
+
+
+def _accumulate_in_gemm(a: torch.Tensor, b: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad (fp32) += a @ b (half precision) in one GEMM with a float32 output."""
+    torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:

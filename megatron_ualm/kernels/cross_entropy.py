@@ -22,8 +22,9 @@ the same compute-dtype logits, and the backward products see the same compute-dt
 of ``softmax - onehot`` that the unfused path casts to before its matmuls (the per-row factor
 ``g`` is applied after the product / to the other operand, in float32).
 
-On CUDA (with Triton) the two passes are Triton kernels; elsewhere (CPU tests) the same
-math runs in PyTorch, in row chunks. ``tests/test_model_fused_ce.py`` checks both against
+On CUDA (``kernels.use_kernels``) the two passes are Triton kernels; elsewhere (CPU tests,
+or the kernels switched off) the same math runs in PyTorch, in row chunks. The head that calls
+it is ``megatron_ualm.model.head``. ``tests/test_model_fused_ce.py`` checks both against
 megatron's CE.
 
 Segments: ``(r0, r1, c0, c1, n_valid)``: rows ``[r0, r1)`` project onto local weight rows
@@ -35,15 +36,15 @@ joins the all-reduces.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-NEG_INF = float("-inf")
+from megatron_ualm import kernels
+from megatron_ualm.kernels import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
-from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
+NEG_INF = float("-inf")
 
 
 if HAVE_TRITON:
@@ -93,7 +94,7 @@ _STATS_BLOCK, _GRAD_BLOCK = 4096, 4096
 
 
 def _use_triton(logits: Tensor) -> bool:
-    return HAVE_TRITON and logits.is_cuda and logits.stride(-1) == 1
+    return kernels.use_kernels(logits) and logits.stride(-1) == 1
 
 
 # --- the two passes (public for tests) ------------------------------------------------------------
@@ -248,8 +249,3 @@ def head_cross_entropy(rows: Tensor, weight: Tensor, segments: Sequence[tuple], 
         raise TypeError(f"rows {rows.dtype} and weight {weight.dtype} must have one dtype")
     return _HeadCrossEntropy.apply(rows, weight, tuple(tuple(int(v) for v in s) for s in segments),
                                    targets.long().contiguous(), tp_group)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return HAVE_TRITON and torch.cuda.is_available()

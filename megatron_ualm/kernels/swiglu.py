@@ -8,7 +8,9 @@ its tensors at the memory bandwidth:
   ``s = sigmoid(g)``, ``dg = dout * u * s * (1 + g * (1 - s))``, ``du = dout * g * s``.
 
 Math is float32 with one rounding to y's dtype per output element; backward keeps y only.
-Elsewhere (CPU, or no Triton) it is ``swiglu_reference``, the plain PyTorch definition.
+Elsewhere (CPU, no Triton, or the kernels switched off: ``kernels.use_kernels``) it is
+``swiglu_reference``, the plain PyTorch definition. The MLP that calls it is
+``megatron_ualm.model.layer_spec.SwiGLUMLP``.
 ``tests/test_model_swiglu.py`` checks the kernels against a float64 reference.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_ualm.model.fusions import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
+from megatron_ualm import kernels
+from megatron_ualm.kernels import HAVE_TRITON, tl, triton  # triton/tl: None without Triton
 
 
 def swiglu_reference(y: Tensor) -> Tensor:
@@ -107,7 +110,8 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def fused_swiglu(y: Tensor) -> Tensor:
-    """SwiGLU of y [..., 2F]: the Triton kernels for CUDA tensors, ``swiglu_reference`` else."""
-    if y.is_cuda and HAVE_TRITON:
+    """SwiGLU of y [..., 2F]: the Triton kernels for CUDA tensors (``kernels.use_kernels``),
+    ``swiglu_reference`` else."""
+    if kernels.use_kernels(y):
         return _SwiGLU.apply(y)
     return swiglu_reference(y)
