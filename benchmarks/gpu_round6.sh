@@ -4,7 +4,8 @@
 #           bf16 vs fp8 for 1.5B and the 7B width, the 200-step loss curves with a bf16 control)
 #   graphs: the 7B width (16 layers, micro-batch 1, 4 micro-batches per step) with the decoder's
 #           CUDA graphs and eagerly, in one call (benchmarks/train_throughput.py)
-#   liger:  benchmarks/liger_ab.py, RMSNorm and SwiGLU: ours against liger-kernel (.whl/extra)
+#   liger:  the kernels' GPU tests, then benchmarks/liger_ab.py, RMSNorm and SwiGLU: ours against
+#           liger-kernel (its wheel from .whl/extra)
 #   memory: benchmarks/memory_7b.py, the 7B width's measured memory against the budget
 # Needs the megatron-core cp312 wheel in $WHEELS (default .whl/mcore) and soundfile, cffi,
 # pycparser wheels in .whl. Results under ${OUT:-benchmarks/results}.
@@ -35,10 +36,17 @@ if [[ " $PHASES " == *" graphs "* ]]; then
   done
 fi
 if [[ " $PHASES " == *" liger "* ]]; then
+  python -c "import liger_kernel.ops.rms_norm, liger_kernel.ops.swiglu" \
+    || echo "liger-kernel does not import (is .whl/extra/liger_kernel-*.whl there?)"
+  echo "== kernel GPU tests"
+  timeout 120 python -m pytest -q -m gpu -p no:randomly tests/test_model_norm_kernel.py tests/test_model_swiglu.py \
+    tests/test_model_rope_kernel.py tests/test_model_fused_ce.py tests/test_wgrad_fusion.py tests/test_fp8.py 2>&1 \
+    | tee "$OUT/kernels_gpu_tests.log" | tail -3
   echo "== liger A/B"
-  timeout 200 python benchmarks/liger_ab.py --json "$OUT/liger_ab.json" 2>&1 | quiet | tail -20
+  timeout 150 python benchmarks/liger_ab.py --json "$OUT/liger_ab.json" 2>&1 | quiet | tee "$OUT/liger_console.txt" | tail -20
 fi
 if [[ " $PHASES " == *" memory "* ]]; then
   echo "== 7B memory against the budget"
-  timeout 300 python benchmarks/memory_7b.py --json "$OUT/memory_7b.json" 2>&1 | quiet | tail -30
+  timeout 220 python benchmarks/memory_7b.py --steps 3 --warmup 1 --json "$OUT/memory_7b.json" 2>&1 | quiet \
+    | tee "$OUT/memory_7b_console.txt" | tail -30
 fi

@@ -29,7 +29,7 @@ for every variant) over the forward + backward time.
 
     python benchmarks/liger_ab.py [--iters 20] [--rounds 5] [--json liger_ab.json]
     python benchmarks/liger_ab.py --tiny --device cpu    # smoke run: ours vs eager, no liger
-    bash benchmarks/gpu_liger.sh                          # installs the liger wheel, runs this
+    PHASES=liger bash benchmarks/gpu_round6.sh            # installs the liger wheel, runs this
 
 Exit status 1 when a variant's result is out of tolerance. ``UALM_COMPILE=0`` turns our kernels
 off (``ours`` is then the eager reference; the table says so).
@@ -76,7 +76,7 @@ def load_liger():
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "liger_kernel":
             return None, ("liger-kernel is not installed: comparing ours with eager only (bash "
-                          "benchmarks/gpu_liger.sh installs it from .whl/extra)")
+                          "PHASES=liger bash benchmarks/gpu_round6.sh installs it from .whl/extra)")
         return None, f"liger-kernel is installed but does not import ({e}): comparing ours with eager only"
     fns = {"rms_norm": liger_rms_norm.LigerRMSNormFunction, "silu_mul": liger_swiglu.LigerSiLUMulFunction,
            "fused_gate_up": getattr(liger_swiglu, "LigerFusedGateUpSiLUMulFunction", None)}
