@@ -75,7 +75,7 @@ def load_liger():
         from liger_kernel.ops import swiglu as liger_swiglu
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "liger_kernel":
-            return None, ("liger-kernel is not installed: comparing ours with eager only (bash "
+            return None, ("liger-kernel is not installed: comparing ours with eager only ("
                           "PHASES=liger bash benchmarks/gpu_round6.sh installs it from .whl/extra)")
         return None, f"liger-kernel is installed but does not import ({e}): comparing ours with eager only"
     fns = {"rms_norm": liger_rms_norm.LigerRMSNormFunction, "silu_mul": liger_swiglu.LigerSiLUMulFunction,
