@@ -121,6 +121,9 @@ class ParallelConfig:
     tensor_parallel: int = 1                  # TP size
     pipeline_parallel: int = 1                # PP size
     virtual_pipeline_parallel: int | None = None  # interleaved chunks per pipeline rank; None: off
+    first_stage_layers: int | None = None     # decoder layers on the first pipeline stage, the rest
+    #                                           split evenly over the other stages (the last one also
+    #                                           runs the head); None: every stage the same
     context_parallel: int = 1                 # CP size (splits the sequence for attention)
     sequence_parallel: bool = False           # shard activations along the sequence inside TP
     use_distributed_optimizer: bool = True    # shard optimizer state across data parallel
@@ -340,7 +343,19 @@ def validate(cfg: UALMConfig, world_size: int | None = None) -> None:
         raise ConfigError("parallel.virtual_pipeline_parallel: needs parallel.pipeline_parallel > 1; "
                           "allowed with pipeline_parallel=1: null")
     stages = pp * (p.virtual_pipeline_parallel or 1)
-    if m.num_layers % stages:
+    first = p.first_stage_layers
+    if first is not None:
+        if pp == 1 or p.virtual_pipeline_parallel is not None:
+            raise ConfigError(f"parallel.first_stage_layers: needs parallel.pipeline_parallel > 1 without "
+                              f"virtual_pipeline_parallel, got pipeline_parallel={pp}, "
+                              f"virtual_pipeline_parallel={p.virtual_pipeline_parallel}; set it to null")
+        rest = m.num_layers - first
+        if not 0 < first < m.num_layers or rest % (pp - 1):
+            allowed = [n for n in range(1, m.num_layers) if (m.num_layers - n) % (pp - 1) == 0]
+            raise ConfigError(f"parallel.first_stage_layers: with model.num_layers={m.num_layers} and "
+                              f"pipeline_parallel={pp} the other {pp - 1} stage(s) must share the rest evenly, "
+                              f"got {first} (allowed: {allowed})")
+    elif m.num_layers % stages:
         raise ConfigError(f"parallel.pipeline_parallel: pipeline_parallel * virtual_pipeline_parallel "
                           f"= {stages} must divide model.num_layers={m.num_layers} "
                           f"(allowed products: {_divisors(m.num_layers)})")

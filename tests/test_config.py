@@ -182,6 +182,14 @@ ERRORS = [
      "model.num_layers=28 (allowed products: 1, 2, 4, 7, 14, 28)", None),
     (["model.num_layers=28", "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=4"],
      "parallel.pipeline_parallel: pipeline_parallel * virtual_pipeline_parallel = 8 must divide", None),
+    (["model.num_layers=28", "parallel.pipeline_parallel=3", "parallel.first_stage_layers=9"],
+     "parallel.first_stage_layers: with model.num_layers=28 and pipeline_parallel=3 the other 2 stage(s) must "
+     "share the rest evenly, got 9 (allowed: [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26])", None),
+    (["model.num_layers=28", "parallel.pipeline_parallel=2", "parallel.first_stage_layers=28"],
+     "parallel.first_stage_layers: with model.num_layers=28 and pipeline_parallel=2", "got 28"),
+    (["parallel.first_stage_layers=1"],
+     "parallel.first_stage_layers: needs parallel.pipeline_parallel > 1 without virtual_pipeline_parallel, "
+     "got pipeline_parallel=1, virtual_pipeline_parallel=None; set it to null", None),
     (["parallel.virtual_pipeline_parallel=2"],
      "parallel.virtual_pipeline_parallel: needs parallel.pipeline_parallel > 1; allowed with "
      "pipeline_parallel=1: null", None),

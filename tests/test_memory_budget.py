@@ -233,14 +233,32 @@ def test_fp8_weight_copies_equal_what_the_fp8_layers_hold(runtime):
     assert memory_budget(cfg, 1, 80 << 30).stages[0].terms["fp8_weights"] == 0
 
 
+def test_uneven_pipeline_stages_are_counted_per_stage():
+    from megatron_ualm.config import UALMConfig
+    from megatron_ualm.training.memory_budget import memory_budget
+    cfg = UALMConfig()
+    cfg.model = _model_cfg(num_layers=4)
+    cfg.data.seq_length, cfg.training.micro_batch_size, cfg.training.global_batch_size = 64, 1, 4
+    cfg.parallel.pipeline_parallel = 2
+    even = memory_budget(cfg, 2, 80 << 30).stages
+    cfg.parallel.first_stage_layers = 3
+    uneven = memory_budget(cfg, 2, 80 << 30).stages
+    # a layer's activations and trainable parameters move from stage 1 to stage 0
+    layer_act = even[0].terms["activations"] // (2 * 2)  # 2 layers x 2 micro-batches in flight
+    assert uneven[0].terms["activations"] == 3 * 2 * layer_act and uneven[1].terms["activations"] == layer_act
+    assert uneven[0].terms["grad_buffer"] - even[0].terms["grad_buffer"] == \
+        even[1].terms["grad_buffer"] - uneven[1].terms["grad_buffer"] > 0
+
+
 def test_the_shipped_7b_layout_fits_8_h100_with_room(capsys):
-    """examples/qwen2.5-7b.yaml (DP=4 x PP=2, no recomputation) fits 8 x 80 GB with a margin
+    """examples/qwen2.5-7b.yaml (DP=4 x PP=2 with 15 + 13 layers, no recomputation) fits 8 x 80 GB with a margin
     that survives the budget's measured error (0.2 GiB at the 7B width, benchmarks/NOTES.md);
     DP=8 without recomputation would not leave that room."""
     path = os.path.join(ROOT, "examples", "qwen2.5-7b.yaml")
     rc, out, _ = _cli(capsys, path, "--gpus", "8", "--gpu-gib", "79.6")
-    assert rc == 0 and "PP=2 DP=4 recompute=none" in out
+    assert rc == 0 and "PP=2(15 first) DP=4 recompute=none" in out
     margin = float(out.split("margin ")[1].split()[0])
     assert margin > 15
-    rc, out, _ = _cli(capsys, path, "parallel.pipeline_parallel=1", "--gpus", "8", "--gpu-gib", "79.6")
+    rc, out, _ = _cli(capsys, path, "parallel.pipeline_parallel=1", "parallel.first_stage_layers=null", "--gpus", "8",
+                      "--gpu-gib", "79.6")
     assert float(out.split("margin ")[1].split()[0]) < 2

@@ -48,7 +48,8 @@ SHAPE = dict(codebook_size=255)
 
 
 def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = "codebook",
-         wgrad_fusion: bool = False, fp8: str | None = None) -> dict:
+         wgrad_fusion: bool = False, fp8: str | None = None, layers: int = 2,
+         first_stage_layers: int | None = None) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_ualm.config import ParallelConfig
@@ -59,10 +60,10 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
     from megatron_ualm.runtime import init_runtime, shutdown_runtime
 
     rt = init_runtime(tensor_parallel=tp, pipeline_parallel=pp, device="cpu", seed=7)
-    cfg = tiny_model_cfg(recompute=recompute, audio_head=audio_head, **SHAPE)
+    cfg = tiny_model_cfg(recompute=recompute, audio_head=audio_head, num_layers=layers, **SHAPE)
     config = transformer_config_from(cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                                                         sequence_parallel=sp), "fp32",
-                                     wgrad_fusion=wgrad_fusion, fp8=fp8)
+                                                         sequence_parallel=sp, first_stage_layers=first_stage_layers),
+                                     "fp32", wgrad_fusion=wgrad_fusion, fp8=fp8)
     model = build_ualm_model(cfg, config)
     vocab = model.vocab
     full = _full_state(cfg)
@@ -104,7 +105,9 @@ def _run(tp: int, pp: int, sp: bool, recompute: str = "none", audio_head: str = 
     grads = from_stage(grads, model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     shutdown_runtime()
+    layer_names = {n.split(".")[2] for n in grads if n.startswith("decoder.layers.")}
     return {"tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "loss": out.get("loss"), "grads": grads,
+            "decoder_layers": sorted(int(i) for i in layer_names),
             "frozen": frozen, "vocab_size": vocab.size, "fused": fused}
 
 
@@ -184,6 +187,16 @@ def test_all_audio_head_under_tensor_and_sequence_parallel(baseline_all_audio):
 
 def test_pipeline_parallel_matches_single_process(baseline):
     _compare(run_distributed(_run, 2, 1, 2, False, "full"), baseline)
+
+
+@pytest.mark.slow
+def test_uneven_pipeline_stages_match_single_process():
+    """parallel.first_stage_layers: 2 of 3 layers on the first stage, 1 (and the head) on the
+    last; loss and every gradient equal the single process's, and each stage holds its share."""
+    base = run_distributed(_run, 1, 1, 1, False, "none", "codebook", False, None, 3)
+    got = run_distributed(_run, 2, 1, 2, False, "none", "codebook", False, None, 3, 2)
+    _compare(got, base)
+    assert sorted((r["pp_rank"], r["decoder_layers"]) for r in got) == [(0, [0, 1]), (1, [2])]
 
 
 def test_tp2_pp2_sequence_parallel_matches_single_process(baseline):

@@ -147,11 +147,14 @@ def _train(data, exp, layout, iters, copy_from=None):
 
 @pytest.mark.slow
 def test_checkpoint_saved_at_tp2_resumes_at_tp1_and_pp2(data, tmp_path):
-    tp2 = ["parallel.tensor_parallel=2"]
+    # 4 layers, so that the pipeline can also split them 3 + 1 (parallel.first_stage_layers)
+    tp2 = ["parallel.tensor_parallel=2", "model.num_layers=4"]
     ref = run_distributed(_train, 2, data, tmp_path / "tp2", tp2, 3)[0]
     saved = tmp_path / "tp2" / "checkpoints" / "iter_0000002"
     assert saved.is_dir()
-    for name, layout, world in (("tp1", [], 1), ("pp2", ["parallel.pipeline_parallel=2"], 2)):
+    pp2 = ["model.num_layers=4", "parallel.pipeline_parallel=2"]
+    for name, layout, world in (("tp1", ["model.num_layers=4"], 1), ("pp2", pp2, 2),
+                                ("pp2_3_1", pp2 + ["parallel.first_stage_layers=3"], 2)):
         exp = tmp_path / name
         (exp / "checkpoints").mkdir(parents=True)
         shutil.copytree(saved, exp / "checkpoints" / "iter_0000002")

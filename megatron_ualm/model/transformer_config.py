@@ -48,6 +48,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
     pp = getattr(parallel_cfg, "pipeline_parallel", 1) if parallel_cfg is not None else 1
     vpp = getattr(parallel_cfg, "virtual_pipeline_parallel", None) if parallel_cfg is not None else None
     cp = getattr(parallel_cfg, "context_parallel", 1) if parallel_cfg is not None else 1
+    first_stage = getattr(parallel_cfg, "first_stage_layers", None) if pp > 1 else None
     sp = bool(getattr(parallel_cfg, "sequence_parallel", False)) and tp > 1
     if cp != 1:
         raise NotImplementedError("context parallelism is not implemented for the UALM model")
@@ -93,6 +94,7 @@ def transformer_config_from(model_cfg, parallel_cfg=None, precision: str = "fp32
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first_stage,
         # The interleaved schedule sends activations forward and gradients backward in one
         # exchange. megatron's batched p2p (batch_isend_irecv, the default) posts send_prev
         # before send_next while the receiver posts recv_prev before recv_next: with PP=2

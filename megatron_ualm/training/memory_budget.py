@@ -6,7 +6,8 @@ tries TP x PP x SP x recompute for a GPU count and keeps those that fit. This is
 from the shapes, not a speed model: the order of ``search_layouts`` is a stated preference
 (fewest model-parallel ranks, then no recompute), not a measured speed.
 
-Notation (one rank): L layers of the model, Ls = L / PP on a stage; H hidden, F ffn,
+Notation (one rank): L layers of the model, Ls on a stage (L / PP, or with
+``parallel.first_stage_layers`` = N: N on stage 0 and (L - N) / (PP - 1) on the others); H hidden, F ffn,
 nq / ng query heads / key-value groups, d head width, Q = (nq + 2 ng) d the QKV width;
 Vp the padded vocabulary (``ualm_model.padded_vocab``: special + text + K (C + 1) codebook
 rows, padded to 128 * TP) of which a rank holds Vp / TP; K codec streams; T = micro-batch x
@@ -113,10 +114,12 @@ class Layout:
     seq_length: int
     microbatches: int          # micro-batches per optimizer step on one DP rank
     distributed_optimizer: bool
+    first_stage_layers: Optional[int] = None  # parallel.first_stage_layers (None: equal stages)
 
     def label(self) -> str:
         sp = "+SP" if self.sp else ""
-        return f"TP={self.tp}{sp} PP={self.pp} DP={self.dp} recompute={self.recompute}"
+        pp = f"PP={self.pp}" + (f"({self.first_stage_layers} first)" if self.first_stage_layers else "")
+        return f"TP={self.tp}{sp} {pp} DP={self.dp} recompute={self.recompute}"
 
 
 @dataclass
@@ -204,7 +207,16 @@ def encoder_params(m, notes: Optional[list] = None) -> tuple[int, int]:
     return (n, adapter) if enc.frozen else (0, n + adapter)
 
 
-def stage_params(m, tp: int, pp: int, stage: int, notes: Optional[list] = None) -> dict:
+def stage_layers(num_layers: int, pp: int, stage: int, first: Optional[int] = None) -> int:
+    """Decoder layers on pipeline ``stage``: ``first`` on stage 0 (``parallel.first_stage_layers``)
+    and the rest shared evenly by the others, or ``num_layers / pp`` each."""
+    if first is None or pp == 1:
+        return num_layers // pp
+    return first if stage == 0 else (num_layers - first) // (pp - 1)
+
+
+def stage_params(m, tp: int, pp: int, stage: int, notes: Optional[list] = None,
+                 first: Optional[int] = None) -> dict:
     """Parameters of one rank of pipeline ``stage`` by part: embedding, encoder_frozen,
     encoder_trainable (adapter, and the encoder when not frozen), decoder (its layers, plus the
     final norm on the last stage), head (output layer + stream embeddings)."""
@@ -212,7 +224,7 @@ def stage_params(m, tp: int, pp: int, stage: int, notes: Optional[list] = None) 
     vocab = padded_vocab(m, tp)
     h = m.hidden_size
     parts = dict(embedding=0, encoder_frozen=0, encoder_trainable=0,
-                 decoder=layer_params(m, tp) * (m.num_layers // pp), head=0)
+                 decoder=layer_params(m, tp) * stage_layers(m.num_layers, pp, stage, first), head=0)
     if stage == 0:
         parts["embedding"] = vocab.padded_size // tp * h
         parts["encoder_frozen"], parts["encoder_trainable"] = encoder_params(m, notes)
@@ -299,7 +311,8 @@ def layout_of(cfg: UALMConfig, world_size: int) -> Layout:
     return Layout(tp=p.tensor_parallel, pp=p.pipeline_parallel, sp=bool(p.sequence_parallel and p.tensor_parallel > 1),
                   recompute=cfg.model.recompute, dp=dp, micro_batch=t.micro_batch_size,
                   seq_length=cfg.data.seq_length, microbatches=t.global_batch_size // (t.micro_batch_size * dp),
-                  distributed_optimizer=p.use_distributed_optimizer)
+                  distributed_optimizer=p.use_distributed_optimizer,
+                  first_stage_layers=p.first_stage_layers if p.pipeline_parallel > 1 else None)
 
 
 def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
@@ -323,7 +336,8 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
     head_held, head_transient = head_terms(m, lay.tp, T, a)
     stages = []
     for stage in range(lay.pp):
-        parts = stage_params(m, lay.tp, lay.pp, stage, notes)
+        parts = stage_params(m, lay.tp, lay.pp, stage, notes, lay.first_stage_layers)
+        layers = stage_layers(m.num_layers, lay.pp, stage, lay.first_stage_layers)
         trainable = parts["embedding"] + parts["encoder_trainable"] + parts["decoder"] + parts["head"]
         opt_per_param = 12 if bf16 else 8
         in_flight = 1 if lay.pp == 1 else min(lay.pp - stage, lay.microbatches)
@@ -333,10 +347,10 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
             "grad_buffer": 4 * trainable,
             "optimizer": -(-opt_per_param * trainable // lay.dp) if lay.distributed_optimizer
             else opt_per_param * trainable,
-            "activations": layer * (m.num_layers // lay.pp) * in_flight,
+            "activations": layer * layers * in_flight,
             "embedding": (T * m.num_codebooks * (16 + a) + 24 * T) * in_flight if stage == 0 else 0,
             "pipeline_output": 0 if last else a * T * m.hidden_size // (lay.tp if lay.sp else 1) * in_flight,
-            "fp8_weights": 2 * fp8_weight_elements(m, lay.tp) * (m.num_layers // lay.pp) if cfg.training.fp8 else 0,
+            "fp8_weights": 2 * fp8_weight_elements(m, lay.tp) * layers if cfg.training.fp8 else 0,
             "final_norm": final_norm_bytes(m, lay.tp, lay.sp, T, a) if last else 0,
             "head": head_held if last else 0,
             "transient": max(head_transient if last else 0, mlp_grads + recomputed),
@@ -347,10 +361,11 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
 
 
 def with_layout(cfg: UALMConfig, tp: int, pp: int, sp: bool, recompute: str) -> UALMConfig:
-    """A copy of ``cfg`` with this parallel layout and recomputation."""
+    """A copy of ``cfg`` with this parallel layout (equal pipeline stages) and recomputation."""
     return dataclasses.replace(
         cfg, parallel=dataclasses.replace(cfg.parallel, tensor_parallel=tp, pipeline_parallel=pp,
-                                          sequence_parallel=sp, virtual_pipeline_parallel=None),
+                                          sequence_parallel=sp, virtual_pipeline_parallel=None,
+                                          first_stage_layers=None),
         model=dataclasses.replace(cfg.model, recompute=recompute))
 
 
