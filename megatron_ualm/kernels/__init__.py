@@ -8,7 +8,8 @@ reference with the same contract, which is what runs on CPU and with the switch 
 * ``rope``: rotary embedding applied to q/k (megatron's unfused RoPE);
 * ``cross_entropy``: the head's fused output projection + vocab-parallel cross entropy;
 * ``wgrad``: weight gradients accumulated into megatron's fp32 ``main_grad`` inside the GEMM;
-* ``fp8_cast``: the FP8 cast with amax bookkeeping, and the scaled FP8 GEMM call;
+* ``fp8_cast``: the FP8 casts with amax bookkeeping (also writing a weight's transpose), the seed
+  of an empty amax history, and the scaled FP8 GEMM call;
 * ``compile``: ``torch.compile`` of a reference function on CUDA (the inference graph's path);
 * ``profiling``: ``scope``, the profiler ranges the model opens around its parts.
 
