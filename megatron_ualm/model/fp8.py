@@ -8,9 +8,11 @@ bf16 (embedding, head, norms, attention core, SwiGLU, encoder). Per linear layer
 * backward ``dx = dy @ W``: dy cast to e5m2 (2 mantissa bits, range +-57344), W reused from
   the forward (e4m3); Hopper multiplies e5m2 x e4m3 (not e5m2 x e5m2);
 * backward ``dW = dy^T @ x`` stays bf16 and accumulates into the fp32 ``main_grad`` inside the
-  GEMM, as the bf16 path does (``wgrad_fusion.py``): an FP8 weight gradient would need
-  transposed FP8 copies of dy and x and an fp32 add into ``main_grad`` after ``_scaled_mm``
-  (which cannot accumulate), so a third of the layer GEMMs keep bf16 speed.
+  GEMM, as the bf16 path does (``kernels/wgrad.py``): an FP8 weight gradient would need
+  transposed FP8 copies of dy and x and an fp32 product added into ``main_grad`` after
+  ``_scaled_mm`` (which cannot accumulate): 16 bytes per weight per micro-batch, about what the
+  faster GEMM would save at the 7B width (``benchmarks/NOTES.md``), so a third of the layer
+  GEMMs keep bf16 speed.
 
 Scaling is per tensor: ``q = saturate(x * s)`` with ``s = fp8_max / amax / 2**margin`` and
 the GEMM de-scales with ``1 / s``. Two recipes (``training.fp8_scaling``):
