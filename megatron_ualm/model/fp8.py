@@ -84,17 +84,21 @@ def roll_history(state: Tensor, step: int) -> None:
     state[:, history].zero_()
 
 
+def _scale_source(x: Tensor, state: Tensor, row: int, recipe: str) -> Tensor:
+    """The amax values x is scaled from under ``recipe``: ``current``, x's own amax;
+    ``delayed``, the row's history, seeded from x's own amax while it is empty."""
+    if recipe == "current":
+        return amax_of(x).reshape(1)
+    past = state[row, :-1]
+    seed(x, past)
+    return past
+
+
 def cast_scaled(x: Tensor, state: Tensor, row: int, recipe: str, out: Optional[Tensor] = None,
                 inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Cast x for state row ``row`` under ``recipe``: ``current`` scales from x's own amax;
-    ``delayed`` from the row's history, seeded from x's own amax while the history is empty.
-    Either way x's amax joins the row's current slot."""
-    history = state.shape[-1] - 1
-    if recipe == "current":
-        own = amax_of(x).reshape(1)
-        return cast(x, own, state[row, history:], FORMATS[row], out=out, inv=inv)
-    seed(x, state[row, :history])
-    return cast(x, state[row, :history], state[row, history:], FORMATS[row], out=out, inv=inv)
+    """Cast x for state row ``row`` under ``recipe`` (``_scale_source``); x's amax joins the
+    row's current slot."""
+    return cast(x, _scale_source(x, state, row, recipe), state[row, -1:], FORMATS[row], out=out, inv=inv)
 
 
 class WeightCast:
@@ -113,13 +117,8 @@ class WeightCast:
             self.w8 = torch.empty(w.shape, dtype=FORMATS[WEIGHT], device=w.device)
             self.w8t = torch.empty(w.shape[::-1], dtype=FORMATS[WEIGHT], device=w.device)
             self.inv = torch.empty(1, dtype=torch.float32, device=w.device)
-        history = state.shape[-1] - 1
-        if recipe == "current":
-            past = amax_of(w).reshape(1)
-        else:
-            past = state[WEIGHT, :history]
-            seed(w, past)
-        cast_transpose(w, past, state[WEIGHT, history:], FORMATS[WEIGHT], self.w8, self.w8t, self.inv)
+        cast_transpose(w, _scale_source(w, state, WEIGHT, recipe), state[WEIGHT, -1:], FORMATS[WEIGHT],
+                       self.w8, self.w8t, self.inv)
         self.stale = False
 
     def get(self, weight: Tensor, state: Tensor, recipe: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,16 +158,12 @@ class FP8Linear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x8, x_inv = cast_scaled(x2, state, INPUT, recipe)
-        if weight_cast is not None:
-            w8, w8t, w_inv = weight_cast.get(weight, state, recipe)
-        else:
-            (w8, w_inv), w8t = cast_scaled(weight, state, WEIGHT, recipe), None
+        w8, w8t, w_inv = (weight_cast or WeightCast()).get(weight, state, recipe)
         # y = x @ W^T: W [out, in] row-major is W^T [in, out] column-major, as _scaled_mm wants
         y = scaled_mm(x8, w8.t(), x_inv, w_inv, x.dtype, fast_accum=True)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x2, weight, w8 if w8t is None else w8t, w_inv)
-        ctx.transposed = w8t is not None
+        ctx.save_for_backward(x2, weight, w8t, w_inv)
         ctx.main_grad, ctx.state, ctx.recipe = main_grad, state, recipe
         ctx.use_bias, ctx.shape = bias is not None, shape
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -176,8 +171,7 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x2, weight, w8, w_inv = ctx.saved_tensors
-        w8t = w8 if ctx.transposed else w8.t().contiguous()
+        x2, weight, w8t, w_inv = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         g8, g_inv = cast_scaled(dy2, ctx.state, GRAD, ctx.recipe)
         # dx = dy @ W: W [out, in] as the column-major right operand is W^T stored row-major
