@@ -29,9 +29,6 @@ def main(argv=None) -> int:
     from megatron_ualm.config import ConfigError, load_config
     if args.gpus <= 0 or args.gpu_gib <= 0:
         raise ConfigError(f"--gpus / --gpu-gib: must be > 0, got {args.gpus} / {args.gpu_gib}")
-    for o in args.overrides:
-        if "=" not in o:
-            raise ConfigError(f"{o}: expected a key=value override")
     quiet_megatron()
     from megatron_ualm.training import memory_budget as mb
     cfg = load_config(args.config, args.overrides)

@@ -156,14 +156,19 @@ class Budget:
 
 
 # --- parameters ---------------------------------------------------------------------------------
-def layer_params(m, tp: int) -> int:
-    """Parameters of one decoder layer on one TP rank."""
+def linear_weight_elements(m, tp: int) -> int:
+    """Weight elements of one decoder layer's four linear layers (QKV, projection, fc1 = [gate;
+    up], fc2) on one TP rank."""
     h, d = m.hidden_size, m.head_dim
     q = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    qkv = q * h // tp + (q // tp if m.qkv_bias else 0)
-    proj = m.num_attention_heads * d * h // tp
-    mlp = 3 * m.ffn_hidden_size * h // tp
-    return 2 * h + qkv + proj + mlp
+    return q * h // tp + m.num_attention_heads * d * h // tp + 3 * m.ffn_hidden_size * h // tp
+
+
+def layer_params(m, tp: int) -> int:
+    """Parameters of one decoder layer on one TP rank: the linear weights, the QKV bias and
+    the two norms."""
+    q = (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    return 2 * m.hidden_size + linear_weight_elements(m, tp) + (q // tp if m.qkv_bias else 0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -268,14 +273,6 @@ def layer_activation_bytes(m, tp: int, sp: bool, recompute: str, tokens: int, ba
     return sum(layer_activation_terms(m, tp, sp, recompute, tokens, batch, act_bytes).values())
 
 
-def fp8_weight_elements(m, tp: int) -> int:
-    """Weight elements of one layer's four linear layers on a rank (``training.fp8`` keeps an
-    FP8 copy and its transpose of each: ``model/fp8.py`` ``WeightCast``)."""
-    q = (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
-    h = m.hidden_size
-    return (q * h + m.num_attention_heads * m.head_dim * h + 3 * m.ffn_hidden_size * h) // tp
-
-
 def final_norm_bytes(m, tp: int, sp: bool, tokens: int, act_bytes: int = 2) -> int:
     s = tp if sp else 1
     return (act_bytes * tokens * m.hidden_size + 4 * tokens) // s
@@ -350,7 +347,8 @@ def memory_budget(cfg: UALMConfig, world_size: int, gpu_bytes: int) -> Budget:
             "activations": layer * layers * in_flight,
             "embedding": (T * m.num_codebooks * (16 + a) + 24 * T) * in_flight if stage == 0 else 0,
             "pipeline_output": 0 if last else a * T * m.hidden_size // (lay.tp if lay.sp else 1) * in_flight,
-            "fp8_weights": 2 * fp8_weight_elements(m, lay.tp) * layers if cfg.training.fp8 else 0,
+            # training.fp8: each linear weight's FP8 copy and its transpose (model/fp8.py WeightCast)
+            "fp8_weights": 2 * linear_weight_elements(m, lay.tp) * layers if cfg.training.fp8 else 0,
             "final_norm": final_norm_bytes(m, lay.tp, lay.sp, T, a) if last else 0,
             "head": head_held if last else 0,
             "transient": max(head_transient if last else 0, mlp_grads + recomputed),
